@@ -1,0 +1,42 @@
+# Single entry point for people and CI alike.
+#   make reproduce  - set up and run the main job (the paper reproduction)
+#   make test       - set up, lint and run the whole test suite
+#   make bench      - set up and run the benchmarks (JSON under benchmarks/out/)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp-install
+
+.PHONY: setup lint format test test-slow bench reproduce clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+lint: setup
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+
+format: setup
+	$(PY) -m ruff format src tests benchmarks
+	$(PY) -m ruff check --fix src tests benchmarks
+
+test: lint
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench: setup
+	mkdir -p benchmarks/out
+	$(PY) benchmarks/lml.py --out benchmarks/out/lml.json
+
+reproduce: setup
+	$(PY) benchmarks/lml.py --out benchmarks/out/lml.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
