@@ -1,0 +1,261 @@
+"""Batched, differentiable cartpole of the action-embedding experiment (paper §5.2.1).
+
+The continuous cartpole of Barto et al. (1983) in the form of Amos et al. (2018,
+"Differentiable MPC"), restated in ``docs/cartpole.md``:
+
+* state ``(..., 5)`` = ``(x, xdot, cos θ, sin θ, θdot)``, θ = 0 is the pole pointing up;
+* control ``(..., 1)`` = the force on the cart, clamped to ``[U_LB, U_UB]`` = ``[-100, 100]``;
+* physical parameters ``(g, m_c, m_p, l)`` as a ``(..., 4)`` tensor, so gradients reach them;
+* one explicit Euler step of ``DT = 0.05`` where every right-hand side uses the old values.
+
+Everything is plain tensor arithmetic, so autograd differentiates it with respect to the
+state, the control and the physical parameters. Device and dtype follow the inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+DT = 0.05
+"""Integration time step in seconds."""
+U_LB = -100.0
+"""Lower bound of the force; the dynamics clamp to it."""
+U_UB = 100.0
+"""Upper bound of the force; the dynamics clamp to it."""
+STATE_DIM = 5
+"""Length of a state vector ``(x, xdot, cos θ, sin θ, θdot)``."""
+N_PARAMS = 4
+"""Length of a physical-parameter vector ``(g, m_c, m_p, l)``."""
+VALIDATION_SEED = 0
+"""Seed of the fixed validation set of initial states."""
+N_VALIDATION = 100
+"""Size of the fixed validation set of initial states."""
+
+
+@dataclass(frozen=True)
+class CartpoleParams:
+    """Physical constants of the cartpole; ``as_tensor`` gives the ``(4,)`` tensor form."""
+
+    g: float = 9.8
+    """Gravity (m/s²)."""
+    m_c: float = 1.0
+    """Cart mass (kg)."""
+    m_p: float = 0.1
+    """Pole mass (kg)."""
+    l: float = 0.5
+    """Pole half-length (m)."""
+
+    def as_tensor(
+        self, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> Tensor:
+        """The parameters as a ``(4,)`` tensor ``(g, m_c, m_p, l)``."""
+        return torch.tensor([self.g, self.m_c, self.m_p, self.l], dtype=dtype, device=device)
+
+
+def _params_like(params: Tensor | None, state: Tensor) -> Tensor:
+    """Default or validated ``(..., 4)`` parameter tensor on ``state``'s device and dtype."""
+    if params is None:
+        return CartpoleParams().as_tensor(dtype=state.dtype, device=state.device)
+    if params.shape[-1:] != (N_PARAMS,):
+        raise ValueError(
+            f"params must have shape (..., {N_PARAMS}) = (g, m_c, m_p, l), "
+            f"got {tuple(params.shape)}"
+        )
+    return params
+
+
+def _check_state(state: Tensor, name: str = "state") -> None:
+    if state.dim() < 1 or state.shape[-1] != STATE_DIM:
+        raise ValueError(
+            f"{name} must have shape (..., {STATE_DIM}) = (x, xdot, cos θ, sin θ, θdot), "
+            f"got {tuple(state.shape)}"
+        )
+
+
+def _check_control(u: Tensor) -> None:
+    if u.dim() < 1 or u.shape[-1] != 1:
+        raise ValueError(f"u must have shape (..., 1), got {tuple(u.shape)}")
+
+
+def step(state: Tensor, u: Tensor, params: Tensor | None = None) -> Tensor:
+    """One explicit Euler step of ``DT`` of the cartpole.
+
+    With ``M = m_c + m_p``, ``a = (u + m_p l θdot² sin θ) / M``,
+    ``θddot = (g sin θ - cos θ a) / (l (4/3 - m_p cos²θ / M))`` and
+    ``xddot = a - m_p l θddot cos θ / M``, the step is ``x += DT xdot``,
+    ``xdot += DT xddot``, ``θ += DT θdot``, ``θdot += DT θddot`` (old values on every
+    right-hand side), with ``θ = atan2(sin θ, cos θ)`` and cos/sin recomputed from the new θ.
+
+    Args:
+        state: ``(..., 5)`` states ``(x, xdot, cos θ, sin θ, θdot)``.
+        u: ``(..., 1)`` forces, batch shape broadcastable with ``state``'s; clamped to
+            ``[U_LB, U_UB]`` (so the gradient is zero outside the bounds).
+        params: optional ``(..., 4)`` physical parameters ``(g, m_c, m_p, l)``, broadcastable
+            with the batch; default ``CartpoleParams()``.
+
+    Returns:
+        ``(..., 5)`` next states, batch shape the broadcast of the inputs'. Differentiable in
+        ``state``, ``u`` and ``params``.
+    """
+    _check_state(state)
+    _check_control(u)
+    params = _params_like(params, state)
+    try:
+        torch.broadcast_shapes(state.shape[:-1], u.shape[:-1], params.shape[:-1])
+    except RuntimeError as err:
+        raise ValueError(
+            f"batch shapes of state {tuple(state.shape)}, u {tuple(u.shape)} and params "
+            f"{tuple(params.shape)} do not broadcast"
+        ) from err
+    x, dx, cos_th, sin_th, dth = state.unbind(-1)
+    g, m_c, m_p, l = params.unbind(-1)
+    force = u.squeeze(-1).clamp(U_LB, U_UB)
+    total_mass = m_c + m_p
+    a = (force + m_p * l * dth**2 * sin_th) / total_mass
+    th_acc = (g * sin_th - cos_th * a) / (l * (4.0 / 3.0 - m_p * cos_th**2 / total_mass))
+    x_acc = a - m_p * l * th_acc * cos_th / total_mass
+    th = torch.atan2(sin_th, cos_th) + DT * dth
+    next_state = (x + DT * dx, dx + DT * x_acc, torch.cos(th), torch.sin(th), dth + DT * th_acc)
+    return torch.stack(torch.broadcast_tensors(*next_state), dim=-1)
+
+
+def reward(state: Tensor, u: Tensor) -> Tensor:
+    """Per-step reward ``r = cos θ - 0.1 x² - 1e-5 u²``.
+
+    Args:
+        state: ``(..., 5)`` states.
+        u: ``(..., 1)`` forces, batch shape broadcastable with ``state``'s. Taken as given
+            (not clamped), so forces beyond the bounds are penalized for their full size.
+
+    Returns:
+        ``(...)`` rewards (the broadcast batch shape).
+    """
+    _check_state(state)
+    _check_control(u)
+    return state[..., 2] - 0.1 * state[..., 0] ** 2 - 1e-5 * u[..., 0] ** 2
+
+
+def _check_rollout_args(x_init: Tensor, u: Tensor) -> None:
+    if x_init.dim() != 2 or x_init.shape[-1] != STATE_DIM:
+        raise ValueError(f"x_init must have shape (B, {STATE_DIM}), got {tuple(x_init.shape)}")
+    if u.dim() not in (2, 3):
+        raise ValueError(f"u must have shape (B, H) or (B, N, H), got {tuple(u.shape)}")
+    if u.shape[0] != x_init.shape[0]:
+        raise ValueError(
+            f"u and x_init must share the batch size B, got u {tuple(u.shape)} and "
+            f"x_init {tuple(x_init.shape)}"
+        )
+    if u.shape[-1] < 1:
+        raise ValueError(f"the horizon H = u.shape[-1] must be >= 1, got {tuple(u.shape)}")
+
+
+def _rollout_params(params: Tensor | None, u: Tensor) -> Tensor | None:
+    """Give per-initial-state parameters ``(B, 4)`` a sample axis when ``u`` has one."""
+    if params is None or params.dim() < 2 or u.dim() == 2:
+        return params
+    return params.unsqueeze(-2)
+
+
+def rollout(x_init: Tensor, u: Tensor, params: Tensor | None = None) -> Tensor:
+    """States visited by applying the control sequences ``u`` from ``x_init``.
+
+    Args:
+        x_init: ``(B, 5)`` initial states.
+        u: ``(B, H)`` one sequence per initial state, or ``(B, N, H)`` N sequences each.
+        params: optional ``(4,)`` or ``(B, 4)`` physical parameters.
+
+    Returns:
+        ``(B, H + 1, 5)`` or ``(B, N, H + 1, 5)`` states ``x_0 = x_init, ..., x_H``.
+    """
+    _check_rollout_args(x_init, u)
+    params = _rollout_params(params, u)
+    x = x_init if u.dim() == 2 else x_init.unsqueeze(1).expand(*u.shape[:2], STATE_DIM)
+    states = [x]
+    for t in range(u.shape[-1]):
+        x = step(x, u[..., t : t + 1], params)
+        states.append(x)
+    return torch.stack(states, dim=-2)
+
+
+def rollout_cost(x_init: Tensor, u: Tensor, params: Tensor | None = None) -> Tensor:
+    """Control cost ``C = -Σ_{t<H} r(x_t, u_t)``, ``x_0 = x_init``, ``x_{t+1} = step(x_t, u_t)``.
+
+    The reward is taken on the state before each step. Batched over initial states and
+    samples; the only Python loop is over the H time steps.
+
+    Args:
+        x_init: ``(B, 5)`` initial states.
+        u: ``(B, H)`` one control sequence per initial state, or ``(B, N, H)`` N each.
+        params: optional ``(4,)`` or ``(B, 4)`` physical parameters ``(g, m_c, m_p, l)``.
+
+    Returns:
+        ``(B,)`` or ``(B, N)`` costs (lower is better; -H for a pole upright and centered at
+        every step with no force). Differentiable in ``x_init``, ``u`` and ``params``.
+    """
+    _check_rollout_args(x_init, u)
+    params = _rollout_params(params, u)
+    x = x_init if u.dim() == 2 else x_init.unsqueeze(1).expand(*u.shape[:2], STATE_DIM)
+    horizon = u.shape[-1]
+    total = torch.zeros((), dtype=u.dtype, device=u.device)
+    for t in range(horizon):
+        u_t = u[..., t : t + 1]
+        total = total + reward(x, u_t)
+        if t + 1 < horizon:
+            x = step(x, u_t, params)
+    return -total
+
+
+def _angles_to_states(samples: Tensor) -> Tensor:
+    """Map ``(n, 4)`` samples ``(x, xdot, θ, θdot)`` to ``(n, 5)`` states."""
+    x, dx, th, dth = samples.unbind(-1)
+    return torch.stack((x, dx, torch.cos(th), torch.sin(th), dth), dim=-1)
+
+
+def sample_initial_states(
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Draw initial states: x, xdot ~ U(-0.5, 0.5), θ ~ U(-π, π), θdot ~ U(-1, 1).
+
+    Args:
+        n: number of states, >= 1.
+        generator: optional random generator (on ``device``) for reproducible draws.
+        dtype: float dtype of the result; default ``torch.get_default_dtype()``.
+        device: device of the result; default the generator's device, else CPU.
+
+    Returns:
+        ``(n, 5)`` states ``(x, xdot, cos θ, sin θ, θdot)``.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if device is None and generator is not None:
+        device = generator.device
+    half_width = torch.tensor([0.5, 0.5, math.pi, 1.0], dtype=dtype, device=device)
+    unit = torch.rand(n, 4, generator=generator, dtype=dtype, device=device)
+    return _angles_to_states((2.0 * unit - 1.0) * half_width)
+
+
+def validation_states(
+    *,
+    n: int = N_VALIDATION,
+    seed: int = VALIDATION_SEED,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """The fixed validation set: ``n`` initial states drawn on the CPU from ``seed``.
+
+    The draw does not depend on ``device`` or on the global random state.
+
+    Returns:
+        ``(n, 5)`` states, the same on every call with the same ``n`` and ``seed``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    states = sample_initial_states(n, generator=generator, dtype=torch.float64)
+    return states.to(dtype=dtype or torch.get_default_dtype(), device=device)
