@@ -56,6 +56,10 @@ class CartpoleParams:
         return torch.tensor([self.g, self.m_c, self.m_p, self.l], dtype=dtype, device=device)
 
 
+_Components = tuple[Tensor, ...]
+"""A state ``(x, xdot, cos θ, sin θ, θdot)`` or parameters ``(g, m_c, m_p, l)``, unbound."""
+
+
 def _params_like(params: Tensor | None, state: Tensor) -> Tensor:
     """Default or validated ``(..., 4)`` parameter tensor on ``state``'s device and dtype."""
     if params is None:
@@ -79,6 +83,29 @@ def _check_state(state: Tensor, name: str = "state") -> None:
 def _check_control(u: Tensor) -> None:
     if u.dim() < 1 or u.shape[-1] != 1:
         raise ValueError(f"u must have shape (..., 1), got {tuple(u.shape)}")
+
+
+def _euler(state: _Components, force: Tensor, params: _Components) -> _Components:
+    """One Euler step on unbound state components ``(x, xdot, cos θ, sin θ, θdot)``.
+
+    ``force`` is already clamped; the components broadcast against each other.
+    """
+    x, dx, cos_th, sin_th, dth = state
+    g, m_c, m_p, l = params
+    total_mass = m_c + m_p
+    a = (force + m_p * l * dth**2 * sin_th) / total_mass
+    th_acc = (g * sin_th - cos_th * a) / (l * (4.0 / 3.0 - m_p * cos_th**2 / total_mass))
+    x_acc = a - m_p * l * th_acc * cos_th / total_mass
+    th = torch.atan2(sin_th, cos_th) + DT * dth
+    return (x + DT * dx, dx + DT * x_acc, torch.cos(th), torch.sin(th), dth + DT * th_acc)
+
+
+def _reward(x: Tensor, cos_th: Tensor, u: Tensor) -> Tensor:
+    return cos_th - 0.1 * x**2 - 1e-5 * u**2
+
+
+def _stack(components: _Components) -> Tensor:
+    return torch.stack(torch.broadcast_tensors(*components), dim=-1)
 
 
 def step(state: Tensor, u: Tensor, params: Tensor | None = None) -> Tensor:
@@ -111,16 +138,8 @@ def step(state: Tensor, u: Tensor, params: Tensor | None = None) -> Tensor:
             f"batch shapes of state {tuple(state.shape)}, u {tuple(u.shape)} and params "
             f"{tuple(params.shape)} do not broadcast"
         ) from err
-    x, dx, cos_th, sin_th, dth = state.unbind(-1)
-    g, m_c, m_p, l = params.unbind(-1)
     force = u.squeeze(-1).clamp(U_LB, U_UB)
-    total_mass = m_c + m_p
-    a = (force + m_p * l * dth**2 * sin_th) / total_mass
-    th_acc = (g * sin_th - cos_th * a) / (l * (4.0 / 3.0 - m_p * cos_th**2 / total_mass))
-    x_acc = a - m_p * l * th_acc * cos_th / total_mass
-    th = torch.atan2(sin_th, cos_th) + DT * dth
-    next_state = (x + DT * dx, dx + DT * x_acc, torch.cos(th), torch.sin(th), dth + DT * th_acc)
-    return torch.stack(torch.broadcast_tensors(*next_state), dim=-1)
+    return _stack(_euler(state.unbind(-1), force, params.unbind(-1)))
 
 
 def reward(state: Tensor, u: Tensor) -> Tensor:
@@ -136,10 +155,17 @@ def reward(state: Tensor, u: Tensor) -> Tensor:
     """
     _check_state(state)
     _check_control(u)
-    return state[..., 2] - 0.1 * state[..., 0] ** 2 - 1e-5 * u[..., 0] ** 2
+    return _reward(state[..., 0], state[..., 2], u[..., 0])
 
 
-def _check_rollout_args(x_init: Tensor, u: Tensor) -> None:
+def _rollout_setup(
+    x_init: Tensor, u: Tensor, params: Tensor | None
+) -> tuple[_Components, Tensor, _Components]:
+    """Validate, then return the initial state components, clamped forces and parameters.
+
+    The components get a trailing sample axis of size 1 when ``u`` is ``(B, N, H)``, so they
+    broadcast against the ``(B, N)`` controls of each step without copies.
+    """
     if x_init.dim() != 2 or x_init.shape[-1] != STATE_DIM:
         raise ValueError(f"x_init must have shape (B, {STATE_DIM}), got {tuple(x_init.shape)}")
     if u.dim() not in (2, 3):
@@ -151,13 +177,16 @@ def _check_rollout_args(x_init: Tensor, u: Tensor) -> None:
         )
     if u.shape[-1] < 1:
         raise ValueError(f"the horizon H = u.shape[-1] must be >= 1, got {tuple(u.shape)}")
-
-
-def _rollout_params(params: Tensor | None, u: Tensor) -> Tensor | None:
-    """Give per-initial-state parameters ``(B, 4)`` a sample axis when ``u`` has one."""
-    if params is None or params.dim() < 2 or u.dim() == 2:
-        return params
-    return params.unsqueeze(-2)
+    params = _params_like(params, x_init)
+    if params.dim() > 2 or (params.dim() == 2 and params.shape[0] != x_init.shape[0]):
+        raise ValueError(
+            f"params must have shape (4,) or (B, 4) with B = {x_init.shape[0]}, "
+            f"got {tuple(params.shape)}"
+        )
+    if u.dim() == 3:
+        x_init = x_init.unsqueeze(1)
+        params = params.unsqueeze(-2) if params.dim() == 2 else params
+    return x_init.unbind(-1), u.clamp(U_LB, U_UB), params.unbind(-1)
 
 
 def rollout(x_init: Tensor, u: Tensor, params: Tensor | None = None) -> Tensor:
@@ -171,13 +200,12 @@ def rollout(x_init: Tensor, u: Tensor, params: Tensor | None = None) -> Tensor:
     Returns:
         ``(B, H + 1, 5)`` or ``(B, N, H + 1, 5)`` states ``x_0 = x_init, ..., x_H``.
     """
-    _check_rollout_args(x_init, u)
-    params = _rollout_params(params, u)
-    x = x_init if u.dim() == 2 else x_init.unsqueeze(1).expand(*u.shape[:2], STATE_DIM)
-    states = [x]
+    state, force, params_c = _rollout_setup(x_init, u, params)
+    batch_shape = u.shape[:-1]
+    states = [_stack(state).expand(*batch_shape, STATE_DIM)]
     for t in range(u.shape[-1]):
-        x = step(x, u[..., t : t + 1], params)
-        states.append(x)
+        state = _euler(state, force[..., t], params_c)
+        states.append(_stack(state).expand(*batch_shape, STATE_DIM))
     return torch.stack(states, dim=-2)
 
 
@@ -196,16 +224,12 @@ def rollout_cost(x_init: Tensor, u: Tensor, params: Tensor | None = None) -> Ten
         ``(B,)`` or ``(B, N)`` costs (lower is better; -H for a pole upright and centered at
         every step with no force). Differentiable in ``x_init``, ``u`` and ``params``.
     """
-    _check_rollout_args(x_init, u)
-    params = _rollout_params(params, u)
-    x = x_init if u.dim() == 2 else x_init.unsqueeze(1).expand(*u.shape[:2], STATE_DIM)
+    state, force, params_c = _rollout_setup(x_init, u, params)
     horizon = u.shape[-1]
-    total = torch.zeros((), dtype=u.dtype, device=u.device)
-    for t in range(horizon):
-        u_t = u[..., t : t + 1]
-        total = total + reward(x, u_t)
-        if t + 1 < horizon:
-            x = step(x, u_t, params)
+    total = _reward(state[0], state[2], u[..., 0])
+    for t in range(1, horizon):
+        state = _euler(state, force[..., t - 1], params_c)
+        total = total + _reward(state[0], state[2], u[..., t])
     return -total
 
 
