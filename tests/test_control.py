@@ -295,6 +295,8 @@ def test_rollout_matches_repeated_steps():
         (rollout_cost, (torch.zeros(3, 5), torch.zeros(3, 0)), "horizon"),
         (rollout_cost, (torch.zeros(3, 5), torch.zeros(3, 2, 2, 10)), "u must"),
         (rollout, (torch.zeros(3, 5), torch.zeros(3, 4, 0)), "horizon"),
+        (rollout_cost, (torch.zeros(3, 5), torch.zeros(3, 10), torch.ones(2, 4)), "params"),
+        (rollout_cost, (torch.zeros(3, 5), torch.zeros(3, 2, 10), torch.ones(3, 5)), "params"),
     ],
 )
 def test_shape_errors_name_the_argument(fn, args, match):
