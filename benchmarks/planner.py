@@ -1,0 +1,171 @@
+"""Benchmark of the world-model CEM planner against its dense-matmul floor; JSON out.
+
+One *decision* is one call of ``dcem.world.plan`` for one start state at the paper's sizes
+(horizon 12, 10 iterations, 1000 candidates, 100 elites; RSSM with GRU 200, stochastic 30,
+hidden layers 2 × 200; cheetah's 17-d observations and 6-d actions).
+
+The *floor* is the time the planner's multiply-accumulates would take at the dense matmul
+throughput measured in the same run (a large square ``torch.mm``, same device, dtype and
+threads). Per imagined transition the planner multiplies through the input layers
+``g(s, a)``, the GRU cell (input and hidden projections), the prior and the reward model;
+a decision has ``n_sample × horizon × n_iter`` transitions. ``ratio_to_floor`` =
+measured time / floor. For comparison the same rollouts are timed with ``RSSM.imagine`` (a
+plain per-layer PyTorch loop).
+
+Usage: ``python benchmarks/planner.py --out benchmarks/out/planner.json [--tiny]
+[--device cpu|cuda|all] [--threads N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dcem.world import RSSM, State, plan
+
+
+@dataclass(frozen=True)
+class Config:
+    """Sizes of one benchmark run."""
+
+    obs_size: int = 17
+    action_size: int = 6
+    deter_size: int = 200
+    stoch_size: int = 30
+    hidden_size: int = 200
+    n_layers: int = 2
+    horizon: int = 12
+    n_iter: int = 10
+    n_sample: int = 1000
+    n_elite: int = 100
+    gemm_size: int = 2048
+    repeats: int = 5
+
+
+TINY = Config(deter_size=16, stoch_size=4, hidden_size=16, horizon=3, n_iter=2, n_sample=50,
+              n_elite=5, gemm_size=256, repeats=2)  # fmt: skip
+
+
+def macs_per_transition(c: Config) -> int:
+    """Multiply-accumulates of one imagined step of one candidate."""
+    hidden_stack = (c.n_layers - 1) * c.hidden_size**2
+    inputs = (c.stoch_size + c.action_size) * c.hidden_size + hidden_stack
+    gru = 3 * c.deter_size * (c.hidden_size + c.deter_size)
+    prior = c.deter_size * c.hidden_size + hidden_stack + c.hidden_size * 2 * c.stoch_size
+    reward = (c.deter_size + c.stoch_size) * c.hidden_size + hidden_stack + c.hidden_size
+    return inputs + gru + prior + reward
+
+
+def _timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def gemm_flops_per_s(c: Config, device: torch.device, dtype: torch.dtype) -> float:
+    """Best-of-``repeats`` throughput of a square ``torch.mm`` of size ``gemm_size``."""
+    n = c.gemm_size
+    a, b = (
+        torch.randn(n, n, device=device, dtype=dtype),
+        torch.randn(n, n, device=device, dtype=dtype),
+    )
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    reps = max(1, int(2e10 // (2 * n**3)))  # about 0.2 s per timing on a 100 GFLOP/s core
+    torch.mm(a, b, out=out)
+    best = min(
+        _timed(lambda: [torch.mm(a, b, out=out) for _ in range(reps)], device)
+        for _ in range(c.repeats)
+    )
+    return 2 * n**3 * reps / best
+
+
+def bench_device(c: Config, device: torch.device, dtype: torch.dtype) -> dict:
+    torch.manual_seed(0)
+    model = RSSM(c.obs_size, c.action_size, deter_size=c.deter_size, stoch_size=c.stoch_size,
+                 hidden_size=c.hidden_size, n_layers=c.n_layers).to(device, dtype)  # fmt: skip
+    g = torch.Generator(device=device).manual_seed(0)
+    sizes = (c.deter_size, c.stoch_size, c.stoch_size, c.stoch_size)
+    state = State(*(torch.randn(1, n, device=device, dtype=dtype, generator=g) for n in sizes))
+    kwargs = dict(horizon=c.horizon, n_iter=c.n_iter, n_sample=c.n_sample, n_elite=c.n_elite)
+
+    def decide() -> None:
+        plan(model, state, generator=g, **kwargs)
+
+    decide()  # warm-up
+    times = [_timed(decide, device) for _ in range(c.repeats)]
+
+    start = State(*(x.expand(c.n_sample, -1) for x in state))
+    actions = torch.randn(c.horizon, c.n_sample, c.action_size, device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def plain() -> None:  # the rollouts of one decision with the per-layer loop
+        for _ in range(c.n_iter):
+            model.imagine(start, actions, generator=g).sum(0)
+
+    plain()
+    plain_time = min(_timed(plain, device) for _ in range(c.repeats))
+
+    flops = gemm_flops_per_s(c, device, dtype)
+    macs = macs_per_transition(c) * c.n_sample * c.horizon * c.n_iter
+    floor = 2 * macs / flops
+    best = min(times)
+    return {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "decisions_per_s": 1.0 / best,
+        "s_per_decision": best,
+        "s_per_decision_median": statistics.median(times),
+        "macs_per_decision": macs,
+        "gemm_flops_per_s": flops,
+        "floor_s_per_decision": floor,
+        "ratio_to_floor": best / floor,
+        "plain_imagine_s_per_decision": plain_time,
+        "plain_ratio_to_floor": plain_time / floor,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    parser.add_argument("--tiny", action="store_true", help="test-sized run")
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
+                        help="'all': the CPU and, when available, CUDA")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    config = TINY if args.tiny else Config()
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    if not devices:
+        parser.error("--device cuda requested but CUDA is not available")
+    results = [bench_device(config, torch.device(d), torch.float32) for d in devices]
+    report = {
+        "benchmark": "planner",
+        "torch": torch.__version__,
+        "config": {**asdict(config), "macs_per_transition": macs_per_transition(config)},
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    for r in results:
+        print(
+            f"{r['device']}: {r['decisions_per_s']:.3f} decisions/s "
+            f"({r['s_per_decision']:.3f} s; floor {r['floor_s_per_decision']:.3f} s; "
+            f"ratio {r['ratio_to_floor']:.2f}; plain loop ratio {r['plain_ratio_to_floor']:.2f})"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,522 @@
+"""Recurrent state-space model (PlaNet, Hafner et al. 2018) on proprioceptive observations.
+
+The world model of the cheetah/walker experiment (paper §5.2.2, appendix D): PlaNet's RSSM
+with fully connected encoder and decoder instead of pixel ones.
+
+* deterministic path ``h_t = GRU(h_{t-1}, g(s_{t-1}, a_{t-1}))`` (``deter_size`` = 200 units);
+* stochastic state with diagonal Gaussian prior ``p(s_t | h_t)`` and posterior
+  ``q(s_t | h_t, e(o_t))``, std = softplus(·) + ``min_std`` (``stoch_size`` = 30);
+* observation model ``p(o_t | h_t, s_t)`` and reward model ``p(r_t | h_t, s_t)``, both unit
+  variance Gaussians around a predicted mean;
+* every other function (input ``g``, encoder ``e``, prior, posterior, decoder, reward) is
+  ``n_layers`` = 2 fully connected ReLU layers of ``hidden_size`` = 200 units (followed by a
+  linear output layer where the function has an output of its own).
+
+Time alignment (the Dreamer convention, which the replay buffer stores directly): ``actions[t]``
+is the action that led *into* ``obs[t]`` and ``rewards[t]`` the reward received with it; the
+first action of an episode is zeros. ``observe(obs, actions)`` therefore computes
+``h_t = GRU(h_{t-1}, g(s_{t-1}, actions[t]))`` and ``s_t ~ q(· | h_t, obs[t])`` from a zero
+initial state.
+
+All tensors are time-major: ``(T, B, ·)``. Device and dtype follow the module's parameters;
+inputs must match them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+class State(NamedTuple):
+    """A (batch of) model state(s); leading dimensions ``...`` are any batch/time shape."""
+
+    deter: Tensor
+    """Deterministic GRU state ``h``: ``(..., deter_size)``."""
+    stoch: Tensor
+    """Sample of the stochastic state ``s``: ``(..., stoch_size)``."""
+    mean: Tensor
+    """Mean of the Gaussian ``s`` was drawn from: ``(..., stoch_size)``."""
+    std: Tensor
+    """Standard deviation of that Gaussian: ``(..., stoch_size)``."""
+
+
+class LossTerms(NamedTuple):
+    """Terms of the negative PlaNet bound, each a scalar averaged over time and batch."""
+
+    total: Tensor
+    """``obs + reward + kl``: the quantity to minimize."""
+    obs: Tensor
+    """Negative Gaussian (unit variance) log-likelihood of the observations, summed over dims."""
+    reward: Tensor
+    """Negative Gaussian (unit variance) log-likelihood of the rewards."""
+    kl: Tensor
+    """``max(kl_raw, free_nats)``: constant (zero gradient) below the free nats."""
+    kl_raw: Tensor
+    """Mean over time and batch of ``KL(q(s_t|h_t,o_t) ‖ p(s_t|h_t))`` summed over dims."""
+
+
+def mlp(
+    in_size: int, hidden_size: int, n_layers: int, out_size: int | None = None
+) -> nn.Sequential:
+    """``n_layers`` Linear+ReLU layers of ``hidden_size`` units, then Linear to ``out_size``.
+
+    With ``out_size=None`` the last ReLU layer is the output (size ``hidden_size``).
+    """
+    layers: list[nn.Module] = []
+    for i in range(n_layers):
+        layers += [nn.Linear(in_size if i == 0 else hidden_size, hidden_size), nn.ReLU()]
+    if out_size is not None:
+        layers.append(nn.Linear(hidden_size if n_layers > 0 else in_size, out_size))
+    return nn.Sequential(*layers)
+
+
+def gaussian_log_likelihood(x: Tensor, mean: Tensor) -> Tensor:
+    """``log N(x; mean, I)`` summed over the last dimension: ``(..., n) -> (...)``."""
+    return -0.5 * ((x - mean).square().sum(-1) + x.shape[-1] * LOG_2PI)
+
+
+def gaussian_kl(mean_q: Tensor, std_q: Tensor, mean_p: Tensor, std_p: Tensor) -> Tensor:
+    """``KL(N(mean_q, diag std_q²) ‖ N(mean_p, diag std_p²))``: ``(..., n) -> (...)``."""
+    var_ratio = (std_q / std_p).square()
+    mahalanobis = ((mean_q - mean_p) / std_p).square()
+    return 0.5 * (var_ratio + mahalanobis - 1.0 - var_ratio.log()).sum(-1)
+
+
+def _positive(name: str, value: int | float) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+class RSSM(nn.Module):
+    """PlaNet's recurrent state-space model with fully connected encoder and decoder.
+
+    Args:
+        obs_size: length ``o`` of an observation vector.
+        action_size: length ``a`` of an action vector.
+        deter_size: GRU units of the deterministic path (PlaNet: 200).
+        stoch_size: dimension of the stochastic state (PlaNet: 30).
+        hidden_size: units of every other hidden layer (PlaNet: 200).
+        n_layers: hidden ReLU layers per function (paper: 2).
+        min_std: lower bound added to the softplus std of prior and posterior (PlaNet: 0.1).
+    """
+
+    def __init__(
+        self,
+        obs_size: int,
+        action_size: int,
+        *,
+        deter_size: int = 200,
+        stoch_size: int = 30,
+        hidden_size: int = 200,
+        n_layers: int = 2,
+        min_std: float = 0.1,
+    ) -> None:
+        super().__init__()
+        for name, value in [
+            ("obs_size", obs_size),
+            ("action_size", action_size),
+            ("deter_size", deter_size),
+            ("stoch_size", stoch_size),
+            ("hidden_size", hidden_size),
+            ("n_layers", n_layers),
+            ("min_std", min_std),
+        ]:
+            _positive(name, value)
+        self.obs_size, self.action_size = obs_size, action_size
+        self.deter_size, self.stoch_size = deter_size, stoch_size
+        self.min_std = float(min_std)
+        feat = deter_size + stoch_size
+        self.encoder = mlp(obs_size, hidden_size, n_layers)
+        self.input = mlp(stoch_size + action_size, hidden_size, n_layers)
+        self.gru = nn.GRUCell(hidden_size, deter_size)
+        self.prior = mlp(deter_size, hidden_size, n_layers, 2 * stoch_size)
+        self.posterior = mlp(deter_size + hidden_size, hidden_size, n_layers, 2 * stoch_size)
+        self.decoder = mlp(feat, hidden_size, n_layers, obs_size)
+        self.reward = mlp(feat, hidden_size, n_layers, 1)
+
+    # ----------------------------------------------------------------- one step
+    def initial_state(self, batch_shape: tuple[int, ...] | torch.Size) -> State:
+        """All-zero state of shape ``(*batch_shape, ·)`` (std = 1) on the model's device/dtype."""
+        p = self.gru.weight_hh
+        zeros = p.new_zeros((*batch_shape, self.stoch_size))
+        return State(p.new_zeros((*batch_shape, self.deter_size)), zeros, zeros, zeros + 1.0)
+
+    def _gaussian(
+        self, stats: Tensor, noise: Tensor | None, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        mean, raw_std = stats.chunk(2, dim=-1)
+        std = F.softplus(raw_std) + self.min_std
+        if noise is None:
+            noise = torch.randn(
+                mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
+            )
+        return mean + std * noise, mean, std
+
+    def transition(
+        self,
+        state: State,
+        action: Tensor,
+        *,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> State:
+        """One prior step: ``h' = GRU(h, g(s, action))``, ``s' ~ p(s' | h')``.
+
+        Args:
+            state: previous state, leading shape ``(...)``.
+            action: ``(..., a)``, the action taken from ``state``.
+            noise: optional standard normal ``(..., stoch_size)`` for the sample; drawn from
+                ``generator`` when None.
+
+        Returns:
+            The prior state ``(...)``.
+        """
+        self._check_last("action", action, self.action_size)
+        batch = action.shape[:-1]
+        x = self.input(torch.cat([state.stoch, action], -1).reshape(-1, self.input[0].in_features))
+        deter = self.gru(x, state.deter.reshape(-1, self.deter_size)).reshape(*batch, -1)
+        stoch, mean, std = self._gaussian(self.prior(deter), noise, generator)
+        return State(deter, stoch, mean, std)
+
+    def posterior_step(
+        self,
+        prior: State,
+        embed: Tensor,
+        *,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> State:
+        """Posterior ``s ~ q(s | h, embed)`` with ``h = prior.deter``.
+
+        ``embed = encode(obs)``: ``(..., hidden_size)``; returns a ``State`` of shape ``(...)``.
+        """
+        stats = self.posterior(torch.cat([prior.deter, embed], -1))
+        stoch, mean, std = self._gaussian(stats, noise, generator)
+        return State(prior.deter, stoch, mean, std)
+
+    def encode(self, obs: Tensor) -> Tensor:
+        """Observation embedding: ``(..., o) -> (..., hidden_size)``."""
+        self._check_last("obs", obs, self.obs_size)
+        return self.encoder(obs)
+
+    def belief(
+        self,
+        state: State,
+        prev_action: Tensor,
+        obs: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> State:
+        """Online filtering step for acting: posterior after ``prev_action`` and then ``obs``.
+
+        Args:
+            state: previous posterior ``(...)`` (``initial_state`` at an episode start).
+            prev_action: ``(..., a)``, the action applied since (zeros at an episode start).
+            obs: ``(..., o)``, the observation received.
+
+        Returns:
+            The posterior state ``(...)``, the start state of the planner.
+        """
+        prior = self.transition(state, prev_action, generator=generator)
+        return self.posterior_step(prior, self.encode(obs), generator=generator)
+
+    def features(self, state: State) -> Tensor:
+        """``[h, s]``: ``(..., deter_size + stoch_size)``, input of decoder and reward model."""
+        return torch.cat([state.deter, state.stoch], -1)
+
+    def predict_reward(self, state: State) -> Tensor:
+        """Mean of ``p(r | h, s)``: ``(...)``."""
+        return self.reward(self.features(state)).squeeze(-1)
+
+    def predict_obs(self, state: State) -> Tensor:
+        """Mean of ``p(o | h, s)``: ``(..., o)``."""
+        return self.decoder(self.features(state))
+
+    # ------------------------------------------------------------- sequences
+    def observe(
+        self,
+        obs: Tensor,
+        actions: Tensor,
+        state: State | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> tuple[State, State]:
+        """Filter a batch of sequences: posterior and prior states at every step.
+
+        Args:
+            obs: ``(T, B, o)`` observations.
+            actions: ``(T, B, a)``; ``actions[t]`` led into ``obs[t]`` (see the module docstring).
+            state: state before the first step, ``(B)``; zeros when None.
+
+        Returns:
+            ``(posterior, prior)``, each a ``State`` of ``(T, B, ·)`` tensors. Samples use the
+            reparameterization trick, so gradients reach every parameter.
+        """
+        self._check_sequences(obs, actions)
+        if state is None:
+            state = self.initial_state(obs.shape[1:2])
+        embed = self.encode(obs)
+        posts, priors = [], []
+        for t in range(obs.shape[0]):
+            prior = self.transition(state, actions[t], generator=generator)
+            state = self.posterior_step(prior, embed[t], generator=generator)
+            priors.append(prior)
+            posts.append(state)
+        return _stack(posts), _stack(priors)
+
+    def imagine(
+        self,
+        state: State,
+        actions: Tensor,
+        *,
+        sample: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Roll the prior forward under ``actions`` and predict the rewards (differentiable).
+
+        Each horizon step is one batched model step over all leading dimensions, so ``N``
+        candidate sequences for ``B`` start states are one batch of ``N * B``.
+
+        Args:
+            state: start state, leading shape ``(...)`` (e.g. a posterior from ``belief``).
+            actions: ``(H, ..., a)``; ``actions[t]`` is applied at step ``t``.
+            sample: draw ``s_t`` from the prior (PlaNet); False uses the prior mean.
+            generator: source of the prior noise, drawn as one ``(H, ..., stoch_size)`` tensor.
+
+        Returns:
+            ``(H, ...)``: predicted reward after each action.
+        """
+        noise = self._imagination_noise(state, actions, sample, generator)
+        rewards = []
+        for t in range(actions.shape[0]):
+            state = self.transition(state, actions[t], noise=noise[t])
+            rewards.append(self.predict_reward(state))
+        return torch.stack(rewards)
+
+    @torch.no_grad()
+    def imagined_return(
+        self,
+        state: State,
+        actions: Tensor,
+        *,
+        sample: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``imagine(state, actions, ...).sum(0)`` without autograd, with stacked matmuls.
+
+        The planner's hot path. Same model, same noise (for the same ``generator`` state) and
+        the same result as ``imagine`` up to float rounding, organised so that nearly all the
+        time goes to dense matmuls:
+
+        * layers sharing an input are stacked into one matmul: ``h_t`` feeds the prior, the
+          reward model and the next GRU hidden projection through one
+          ``(deter, 2 hidden + 3 deter)`` weight, ``s_t`` the reward model and the next input
+          layer through one ``(stoch, 2 hidden)`` weight;
+        * the input layer's bias rides on the ``s_t`` matmul, its action part is added by a
+          thin matmul into the same buffer;
+        * every intermediate lives in a buffer allocated once per call (``out=``, in-place);
+        * the GRU's ``tanh`` is evaluated as ``2 sigmoid(2 x) - 1`` with the factor 2 folded
+          into the weights (``tanh`` is several times slower than ``sigmoid`` on CPU);
+        * the final reward layer is linear, so it is applied once to the sum of its inputs.
+
+        Args:
+            state: start state, leading shape ``(...)``.
+            actions: ``(H, ..., a)``.
+            sample: draw ``s_t`` from the prior; False uses the prior mean.
+            generator: source of the prior noise.
+
+        Returns:
+            ``(...)``: the sum over the horizon of the predicted rewards.
+        """
+        noise = self._imagination_noise(state, actions, sample, generator)
+        horizon, batch = actions.shape[0], actions.shape[1:-1]
+        w, m = _StackedWeights(self), math.prod(batch)
+        buf = _Workspace(w, m, self.deter_size, self.stoch_size, actions)
+        h = state.deter.reshape(m, self.deter_size)
+        actions = actions.reshape(horizon, m, self.action_size)
+        gh = torch.addmm(w.gru_bias_hh, h, w.gru_hh)
+        stoch_in = torch.addmm(w.in_bias, state.stoch.reshape(m, self.stoch_size), w.in_stoch)
+        for t in range(horizon):
+            last = t == horizon - 1
+            x = torch.addmm(stoch_in, actions[t], w.in_action, out=buf.x[0]).relu_()
+            x = _layers(x, w.in_hidden, buf.x[1:])
+            gi = torch.addmm(w.gru_bias_ih, x, w.gru_ih, out=buf.gi)
+            h = _gru(gi, gh, h, out=buf.h[t % 2])
+            hx = buf.hx_last if last else buf.hx
+            hx = torch.addmm(w.h_bias[: hx.shape[1]], h, w.h_weight[:, : hx.shape[1]], out=hx)
+            p = _layers(hx[:, : w.hidden].relu_(), w.prior_hidden, buf.prior)
+            s = torch.addmm(w.mean_bias, p, w.mean, out=buf.s)
+            if sample:
+                std = F.softplus(torch.addmm(w.std_bias, p, w.std, out=buf.std))
+                s.addcmul_(std.add_(self.min_std), noise[t].view(m, -1))
+            sx = buf.sx_last if last else buf.sx
+            sx = torch.addmm(w.s_bias[: sx.shape[1]], s, w.s_weight[:, : sx.shape[1]], out=sx)
+            r = hx[:, w.hidden : 2 * w.hidden].add_(sx[:, : w.hidden]).relu_()
+            buf.reward_sum.add_(_layers(r, w.reward_hidden, buf.reward))
+            gh, stoch_in = hx[:, 2 * w.hidden :], sx[:, w.hidden :]
+        total = torch.addmm(w.reward_out_bias * horizon, buf.reward_sum, w.reward_out)
+        return total.view(batch)
+
+    # ------------------------------------------------------------------ loss
+    def loss(
+        self,
+        obs: Tensor,
+        actions: Tensor,
+        rewards: Tensor,
+        *,
+        free_nats: float = 3.0,
+        state: State | None = None,
+        generator: torch.Generator | None = None,
+    ) -> LossTerms:
+        """Negative multi-step variational bound of PlaNet (one-step KL, no overshooting).
+
+        ``total = obs + reward + max(KL, free_nats)`` where each term is averaged over time and
+        batch, the observation term is summed over observation dimensions and the KL over the
+        stochastic state. The free nats clamp the *averaged* KL, so below ``free_nats`` the KL
+        term is the constant ``free_nats`` and passes no gradient.
+
+        Args:
+            obs: ``(T, B, o)``; actions: ``(T, B, a)``; rewards: ``(T, B)`` (aligned as in the
+                module docstring).
+            free_nats: KL values below this are not penalized (PlaNet: 3).
+            state: state before the first step, ``(B)``; zeros when None.
+
+        Returns:
+            ``LossTerms(total, obs, reward, kl, kl_raw)``, scalars.
+        """
+        if free_nats < 0:
+            raise ValueError(f"free_nats must be >= 0, got {free_nats}")
+        if rewards.shape != obs.shape[:2]:
+            raise ValueError(
+                f"rewards must have shape (T, B) = {tuple(obs.shape[:2])}, "
+                f"got {tuple(rewards.shape)}"
+            )
+        post, prior = self.observe(obs, actions, state, generator=generator)
+        obs_nll = -gaussian_log_likelihood(obs, self.predict_obs(post)).mean()
+        reward_nll = -gaussian_log_likelihood(
+            rewards.unsqueeze(-1), self.predict_reward(post).unsqueeze(-1)
+        ).mean()
+        kl_raw = gaussian_kl(post.mean, post.std, prior.mean, prior.std).mean()
+        kl = kl_raw.clamp(min=free_nats)
+        return LossTerms(obs_nll + reward_nll + kl, obs_nll, reward_nll, kl, kl_raw)
+
+    # ------------------------------------------------------------- checks
+    def _imagination_noise(
+        self, state: State, actions: Tensor, sample: bool, generator: torch.Generator | None
+    ) -> Tensor:
+        self._check_last("actions", actions, self.action_size)
+        if actions.dim() < 2 or actions.shape[1:-1] != state.deter.shape[:-1]:
+            raise ValueError(
+                f"actions must have shape (H, ..., {self.action_size}) with ... = the state's "
+                f"batch shape {tuple(state.deter.shape[:-1])}, got {tuple(actions.shape)}"
+            )
+        shape = (*actions.shape[:-1], self.stoch_size)
+        if not sample:
+            return actions.new_zeros(shape)
+        return torch.randn(shape, generator=generator, device=actions.device, dtype=actions.dtype)
+
+    def _check_last(self, name: str, x: Tensor, size: int) -> None:
+        if x.dim() < 1 or x.shape[-1] != size:
+            raise ValueError(f"{name} must have shape (..., {size}), got {tuple(x.shape)}")
+
+    def _check_sequences(self, obs: Tensor, actions: Tensor) -> None:
+        if obs.dim() != 3 or obs.shape[-1] != self.obs_size:
+            raise ValueError(f"obs must have shape (T, B, {self.obs_size}), got {tuple(obs.shape)}")
+        if actions.shape != (*obs.shape[:2], self.action_size):
+            raise ValueError(
+                f"actions must have shape (T, B, a) = {(*obs.shape[:2], self.action_size)}, "
+                f"got {tuple(actions.shape)}"
+            )
+
+
+def _stack(states: list[State]) -> State:
+    return State(*(torch.stack(parts) for parts in zip(*states, strict=True)))
+
+
+def _layers(x: Tensor, layers: list[tuple[Tensor, Tensor]], out: list[Tensor]) -> Tensor:
+    """Apply ``relu(x @ w + b)`` for each ``(w, b)``, writing into ``out``: ``(M, k) -> (M, n)``."""
+    for (weight, bias), o in zip(layers, out, strict=True):
+        x = torch.addmm(bias, x, weight, out=o).relu_()
+    return x
+
+
+def _gru(gi: Tensor, gh: Tensor, h: Tensor, *, out: Tensor) -> Tensor:
+    """``nn.GRUCell`` update from the input and hidden projections (bias included).
+
+    ``gi, gh: (M, 3 D)`` in PyTorch's gate order (reset, update, new) with the new-gate block of
+    both pre-multiplied by 2, so that ``tanh(y) = 2 sigmoid(2 y) - 1``; ``h: (M, D)``.
+    Overwrites ``gi``; the new state goes to ``out: (M, D)``.
+    """
+    d = h.shape[-1]
+    rz = gi[:, : 2 * d].add_(gh[:, : 2 * d]).sigmoid_()
+    n = gi[:, 2 * d :].addcmul_(rz[:, :d], gh[:, 2 * d :]).sigmoid_().mul_(2.0).sub_(1.0)
+    return torch.lerp(n, h, rz[:, d:], out=out)
+
+
+class _StackedWeights:
+    """The weights used by ``RSSM.imagined_return``, transposed to ``(in, out)`` and stacked.
+
+    ``h_weight = [prior₀ | reward₀ (h part) | GRU hidden]: (deter, 2 hidden + 3 deter)``;
+    ``s_weight = [reward₀ (s part) | input₀ (s part)]: (stoch, 2 hidden)`` with bias
+    ``s_bias = [0 | input₀ bias]``. The GRU's new-gate
+    rows are doubled (see ``_gru``).
+    """
+
+    def __init__(self, model: RSSM) -> None:
+        d, s = model.deter_size, model.stoch_size
+        lin = {
+            name: [m for m in getattr(model, name) if isinstance(m, nn.Linear)]
+            for name in ("input", "prior", "reward")
+        }
+        in0, prior0, reward0 = lin["input"][0], lin["prior"][0], lin["reward"][0]
+        gate_scale = torch.ones_like(model.gru.bias_ih)
+        gate_scale[2 * d :] = 2.0
+        w_ih, b_ih = model.gru.weight_ih * gate_scale[:, None], model.gru.bias_ih * gate_scale
+        w_hh, b_hh = model.gru.weight_hh * gate_scale[:, None], model.gru.bias_hh * gate_scale
+        self.hidden = in0.out_features
+        self.in_stoch = in0.weight[:, :s].t().contiguous()
+        self.in_action = in0.weight[:, s:].t().contiguous()
+        self.in_bias = in0.bias
+        self.in_hidden = _pairs(lin["input"][1:])
+        self.gru_ih, self.gru_bias_ih = w_ih.t().contiguous(), b_ih
+        self.gru_hh, self.gru_bias_hh = w_hh.t().contiguous(), b_hh
+        self.h_weight = torch.cat([prior0.weight, reward0.weight[:, :d], w_hh]).t().contiguous()
+        self.h_bias = torch.cat([prior0.bias, reward0.bias, b_hh])
+        self.s_weight = torch.cat([reward0.weight[:, d:], in0.weight[:, :s]]).t().contiguous()
+        self.s_bias = torch.cat([torch.zeros_like(reward0.bias), in0.bias])
+        self.prior_hidden = _pairs(lin["prior"][1:-1])
+        self.mean, self.std = lin["prior"][-1].weight.t().chunk(2, dim=1)
+        self.mean, self.std = self.mean.contiguous(), self.std.contiguous()
+        self.mean_bias, self.std_bias = lin["prior"][-1].bias.chunk(2)
+        self.reward_hidden = _pairs(lin["reward"][1:-1])
+        self.reward_out = lin["reward"][-1].weight.t().contiguous()
+        self.reward_out_bias = lin["reward"][-1].bias
+
+
+class _Workspace:
+    """Buffers of one ``imagined_return`` call for a batch of ``m`` rollouts."""
+
+    def __init__(self, w: _StackedWeights, m: int, d: int, s: int, like: Tensor) -> None:
+        def new(*shape: int) -> Tensor:
+            return like.new_empty(shape)
+
+        k = w.hidden
+        self.x = [new(m, k) for _ in range(len(w.in_hidden) + 1)]
+        self.gi, self.h = new(m, 3 * d), [new(m, d), new(m, d)]
+        self.hx, self.hx_last = new(m, 2 * k + 3 * d), new(m, 2 * k)
+        self.prior = [new(m, k) for _ in w.prior_hidden]
+        self.s, self.std = new(m, s), new(m, s)
+        self.sx, self.sx_last = new(m, 2 * k), new(m, k)
+        self.reward = [new(m, k) for _ in w.reward_hidden]
+        self.reward_sum = like.new_zeros(m, k)
+
+
+def _pairs(linears: list[nn.Linear]) -> list[tuple[Tensor, Tensor]]:
+    return [(lin.weight.t().contiguous(), lin.bias) for lin in linears]

@@ -1,0 +1,91 @@
+"""Tests of the dm_control wrapper dcem.world.envs against the raw control suite."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dcem.world import TASKS, flatten_observation, make_env
+
+suite = pytest.importorskip("dm_control.suite", reason="dm_control is not installed")
+
+
+def raw_env(name: str, seed: int):
+    spec = TASKS[name]
+    return suite.load(spec.domain, spec.task, task_kwargs={"random": seed})
+
+
+def test_unknown_task_lists_known_names():
+    with pytest.raises(ValueError) as info:
+        make_env("cheetah-fly")
+    for name in ("cheetah-run", "walker-walk", "cartpole-swingup"):
+        assert name in str(info.value)
+
+
+def test_flatten_observation_keeps_key_order_and_scalars():
+    obs = {"orientations": np.arange(4.0).reshape(2, 2), "height": np.float64(7.0), "v": [8, 9]}
+    flat = flatten_observation(obs, ("orientations", "height", "v"))
+    assert flat.dtype == np.float32
+    assert np.array_equal(flat, [0, 1, 2, 3, 7, 8, 9])
+
+
+def test_env_matches_raw_suite_with_action_repeat():
+    env, raw = make_env("cartpole-swingup", seed=3), raw_env("cartpole-swingup", seed=3)
+    assert (env.obs_size, env.action_size, env.action_repeat) == (5, 1, 8)
+    assert env.obs_keys == ("position", "velocity")
+    assert np.array_equal(env.action_low, [-1.0]) and np.array_equal(env.action_high, [1.0])
+    obs = env.reset()
+    expected = raw.reset().observation
+    assert obs.dtype == np.float32 and obs.shape == (5,)
+    expected = np.concatenate([expected["position"], expected["velocity"]]).astype(np.float32)
+    np.testing.assert_array_equal(obs, expected)
+    for action in (0.7, -1.0, 0.2):
+        obs, reward, done = env.step(np.array([action]))
+        rewards = [raw.step([action]) for _ in range(8)]
+        assert reward == pytest.approx(sum(ts.reward for ts in rewards), rel=1e-12)
+        last = rewards[-1].observation
+        np.testing.assert_allclose(obs, np.concatenate([last["position"], last["velocity"]]))
+        assert not done
+    with pytest.raises(ValueError, match="action"):
+        env.step(np.zeros(2))
+
+
+def test_episode_ends_after_1000_environment_steps():
+    env = make_env("cartpole-swingup", seed=0)
+    assert env.max_agent_steps == 125
+    env.reset()
+    steps, done = 0, False
+    while not done:
+        _, _, done = env.step(np.zeros(1))
+        steps += 1
+    assert steps == 125
+    short = make_env("cartpole-swingup", episode_steps=20)  # 8 + 8 + 4 environment steps
+    short.reset()
+    assert [short.step(np.zeros(1))[2] for _ in range(3)] == [False, False, True]
+
+
+def test_render_or_clear_error():
+    script = (
+        "from dcem.world import make_env, RenderUnavailableError\n"
+        "env = make_env('cartpole-swingup'); env.reset()\n"
+        "try:\n"
+        "    frame = env.render(height=32, width=48)\n"
+        "except RenderUnavailableError:\n"
+        "    print('unavailable')\n"
+        "else:\n"
+        "    print(frame.shape, frame.dtype)\n"
+    )
+    env = {**os.environ, "MUJOCO_GL": "egl"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    if out.returncode != 0 and "MUJOCO_GL" in out.stderr:
+        pytest.skip("no EGL backend on this machine: dm_control cannot import it")
+    assert out.returncode == 0, out.stderr[-2000:]
+    if "unavailable" in out.stdout:
+        pytest.skip("no EGL backend on this machine: render raised RenderUnavailableError")
+    assert "(32, 48, 3) uint8" in out.stdout
