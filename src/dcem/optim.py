@@ -1,0 +1,569 @@
+"""CEM, the differentiable CEM (DCEM), and unrolled gradient descent.
+
+All three solve ``x* = argmin_x f(x)`` for a batch of problems. ``dcem`` is
+differentiable: its output carries gradients to the parameters inside ``f``, to
+``init_mu`` and to ``init_sigma`` through reparameterized sampling, the costs,
+the soft top-k (:func:`dcem.lml`, implicit gradient) and the weighted
+maximum-likelihood updates. One iteration is :func:`dcem_step` /
+:func:`cem_step`; the loops add bookkeeping only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from dcem.lml import lml
+
+__all__ = [
+    "cem",
+    "dcem",
+    "unroll_gd",
+    "dcem_step",
+    "cem_step",
+    "DCEM",
+    "Trace",
+    "IterationInfo",
+]
+
+Cost = Callable[[Tensor], Tensor]
+Bound = float | Tensor | None
+Backward = Literal["full", "checkpoint", "pruned"]
+_FILL_SCORE = -1e4  # standardized score given to non-finite costs: far below every finite one
+
+
+@dataclass
+class IterationInfo:
+    """What a callback sees after each iteration (all tensors detached).
+
+    Attributes:
+        iteration: 0-based iteration index.
+        samples: ``(B, N, d)`` the clamped samples of this iteration.
+        costs: ``(B, N)`` their costs (non-finite as returned by ``f``).
+        weights: ``(B, N)`` elite weights (soft for DCEM, 0/1 for CEM), summing to k.
+        mu: ``(B, d)`` mean after the update. sigma: ``(B, d)`` std after the update.
+    """
+
+    iteration: int
+    samples: Tensor
+    costs: Tensor
+    weights: Tensor
+    mu: Tensor
+    sigma: Tensor
+
+
+@dataclass
+class Trace:
+    """Per-iteration summaries for plots: mean and std after each update, the mean cost
+    of the samples and the elite-weighted mean cost. Lists of ``(B, d)`` / ``(B,)``."""
+
+    mu: list[Tensor] = field(default_factory=list)
+    sigma: list[Tensor] = field(default_factory=list)
+    mean_cost: list[Tensor] = field(default_factory=list)
+    elite_cost: list[Tensor] = field(default_factory=list)
+
+    def __call__(self, info: IterationInfo) -> None:
+        k = info.weights.sum(-1)
+        finite = torch.isfinite(info.costs)
+        costs = torch.where(finite, info.costs, torch.zeros_like(info.costs))
+        self.mu.append(info.mu)
+        self.sigma.append(info.sigma)
+        self.mean_cost.append(costs.sum(-1) / finite.sum(-1).clamp_min(1))
+        self.elite_cost.append((info.weights * costs).sum(-1) / k)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_int(name: str, value: int, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _as_tensor(name: str, value: float | Tensor, like: Tensor) -> Tensor:
+    if isinstance(value, Tensor):
+        if value.device != like.device:
+            raise ValueError(
+                f"{name} is on {value.device} but init_mu is on {like.device}; "
+                "put every tensor argument on one device"
+            )
+        if not value.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor, got {value.dtype}")
+        out = value.to(like.dtype)
+    else:
+        out = torch.as_tensor(float(value), dtype=like.dtype, device=like.device)
+    try:
+        return torch.broadcast_to(out, like.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{name} of shape {tuple(out.shape)} does not broadcast to (B, d) = {tuple(like.shape)}"
+        ) from None
+
+
+def _prepare(
+    init_mu: Tensor,
+    init_sigma: float | Tensor,
+    lb: Bound,
+    ub: Bound,
+    n_sample: int,
+    n_elite: int,
+    n_iter: int,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, bool]:
+    """Validate the common arguments; returns (mu (B, d), sigma, lb, ub, single)."""
+    if not isinstance(init_mu, Tensor) or not init_mu.is_floating_point():
+        raise ValueError(
+            f"init_mu must be a floating tensor of shape (B, d) or (d,), got {init_mu!r}"
+        )
+    if init_mu.dim() not in (1, 2) or init_mu.shape[-1] == 0:
+        raise ValueError(f"init_mu must have shape (B, d) or (d,), got {tuple(init_mu.shape)}")
+    _check_int("n_sample", n_sample, 2)
+    _check_int("n_elite", n_elite, 1)
+    _check_int("n_iter", n_iter, 1)
+    if n_elite >= n_sample:
+        raise ValueError(f"n_elite must be < n_sample, got n_elite={n_elite}, n_sample={n_sample}")
+    single = init_mu.dim() == 1
+    mu = init_mu.unsqueeze(0) if single else init_mu
+    sigma = _as_tensor("init_sigma", init_sigma, mu)
+    if not bool((sigma > 0).all()):
+        raise ValueError(f"init_sigma must be > 0 everywhere, got min {float(sigma.min()):.3g}")
+    lo = None if lb is None else _as_tensor("lb", lb, mu)
+    hi = None if ub is None else _as_tensor("ub", ub, mu)
+    if lo is not None and hi is not None and not bool((lo < hi).all()):
+        raise ValueError(
+            f"lb must be < ub everywhere (shapes {tuple(lo.shape)}, {tuple(hi.shape)})"
+        )
+    return mu, sigma, lo, hi, single
+
+
+def _costs(f: Cost, x: Tensor) -> Tensor:
+    """Evaluate f on x (B, N, d) and check it returns floating (B, N) on x's device."""
+    v = f(x)
+    if not isinstance(v, Tensor):
+        raise ValueError(
+            f"f must return a tensor of shape (B, N) = {tuple(x.shape[:2])}, got {type(v)}"
+        )
+    if v.shape != x.shape[:2]:
+        raise ValueError(
+            f"f must return costs of shape (B, N) = {tuple(x.shape[:2])} for samples "
+            f"of shape {tuple(x.shape)}, got {tuple(v.shape)}"
+        )
+    if not v.is_floating_point():
+        raise ValueError(f"f must return a floating tensor, got {v.dtype}")
+    if v.device != x.device:
+        raise ValueError(f"f returned costs on {v.device} for samples on {x.device}")
+    return v
+
+
+def _scores(v: Tensor, normalize: bool) -> Tensor:
+    """Scores to rank (higher is better): -v, standardized per problem when ``normalize``.
+
+    Non-finite costs get a score far below every finite one (weight ~0, never an
+    elite while enough finite costs exist). A problem with no finite cost raises.
+    """
+    finite = torch.isfinite(v)
+    all_finite = bool(finite.all())
+    if not all_finite:
+        empty = (~finite.any(-1)).nonzero().flatten()
+        if empty.numel():
+            raise ValueError(
+                f"f returned no finite cost for problem(s) {empty.tolist()} "
+                f"(costs of shape {tuple(v.shape)})"
+            )
+        v = torch.where(finite, v, torch.zeros_like(v))
+    if normalize:
+        count = finite.sum(-1, keepdim=True).to(v.dtype) if not all_finite else v.shape[-1]
+        mean = v.sum(-1, keepdim=True) / count
+        dev = v - mean
+        if not all_finite:
+            dev = torch.where(finite, dev, torch.zeros_like(dev))
+        var = (dev * dev).sum(-1, keepdim=True) / (
+            count - 1 if all_finite else (count - 1).clamp_min(1)
+        )
+        scores = -dev / var.sqrt().clamp_min(torch.finfo(v.dtype).eps)
+    else:
+        scores = -v
+    if all_finite:
+        return scores
+    if normalize:
+        return torch.where(finite, scores, torch.full_like(scores, _FILL_SCORE))
+    masked = torch.where(finite, scores, torch.full_like(scores, math.inf))
+    low = masked.amin(-1, keepdim=True)
+    spread = torch.where(finite, scores, low).amax(-1, keepdim=True) - low
+    return torch.where(finite, scores, low - 1e4 * (1.0 + spread))
+
+
+# ----------------------------------------------------------------------------- one iteration
+
+
+def _sample(mu: Tensor, sigma: Tensor, eps: Tensor, lb: Tensor | None, ub: Tensor | None) -> Tensor:
+    """Reparameterized samples mu + sigma * eps, (B, N, d), clamped to the bounds."""
+    x = torch.addcmul(mu.unsqueeze(1), sigma.unsqueeze(1), eps)
+    if lb is not None or ub is not None:
+        x = torch.clamp(
+            x, None if lb is None else lb.unsqueeze(1), None if ub is None else ub.unsqueeze(1)
+        )
+    return x
+
+
+def _refit(x: Tensor, weights: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Weighted Gaussian maximum likelihood: x (B, N, d), weights (B, N) summing to k."""
+    w = weights.unsqueeze(1)
+    mu = torch.bmm(w, x).squeeze(1) / k
+    dev = x - mu.unsqueeze(1)
+    var = torch.bmm(w, dev * dev).squeeze(1) / k
+    return mu, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+
+
+def dcem_step(
+    f: Cost,
+    mu: Tensor,
+    sigma: Tensor,
+    eps: Tensor,
+    *,
+    n_elite: int,
+    tau: float,
+    lb: Tensor | None = None,
+    ub: Tensor | None = None,
+    normalize: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One DCEM iteration from noise ``eps`` (B, N, d).
+
+    Returns ``(mu, sigma, samples, costs, weights)``: the refitted ``(B, d)`` mean
+    and std, the ``(B, N, d)`` samples, their ``(B, N)`` costs and the soft elite
+    weights ``lml(scores, n_elite, tau)``. Differentiable in everything.
+    """
+    x = _sample(mu, sigma, eps, lb, ub)
+    v = _costs(f, x)
+    weights = lml(_scores(v, normalize), n_elite, tau)
+    mu, sigma = _refit(x, weights, n_elite)
+    return mu, sigma, x, v, weights
+
+
+def _dcem_step_pruned(
+    f: Cost,
+    mu: Tensor,
+    sigma: Tensor,
+    eps: Tensor,
+    *,
+    n_elite: int,
+    tau: float,
+    n_keep: int,
+    lb: Tensor | None,
+    ub: Tensor | None,
+    normalize: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """DCEM iteration that keeps f's graph only for the n_keep samples of largest weight.
+
+    f runs on all N samples without a graph, then again with a graph on the
+    ``n_keep`` samples of largest soft-elite weight and on the current mean.
+    The gradients of the elite weights sum to zero over the samples, so the
+    samples' cost gradients largely cancel; dropping some outright would break
+    that cancellation. The dropped samples therefore share the graph of the
+    evaluation at the mean (their cost gradient is approximated by the one at
+    ``mu``; their values stay exact).
+    """
+    x = _sample(mu, sigma, eps, lb, ub)
+    with torch.no_grad():
+        v_all = _costs(f, x)
+        keep = lml(_scores(v_all, normalize), n_elite, tau).topk(n_keep, dim=-1).indices
+    x_keep = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    ref = _finish(mu, lb, ub, single=False).unsqueeze(1)
+    v_graph = f(torch.cat([x_keep, ref], 1))
+    if v_graph.shape != (x.shape[0], n_keep + 1):
+        raise ValueError(
+            f"f must return (B, N') costs for (B, N', d) samples, got {tuple(v_graph.shape)}"
+        )
+    v_ref = v_graph[:, -1:]
+    v = (v_all + (v_ref - v_ref.detach())).scatter(1, keep, v_graph[:, :-1])
+    weights = lml(_scores(v, normalize), n_elite, tau)
+    mu, sigma = _refit(x, weights, n_elite)
+    return mu, sigma, x, v, weights
+
+
+def cem_step(
+    f: Cost,
+    mu: Tensor,
+    sigma: Tensor,
+    eps: Tensor,
+    *,
+    n_elite: int,
+    lb: Tensor | None = None,
+    ub: Tensor | None = None,
+    normalize: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One CEM iteration from noise ``eps`` (B, N, d): hard top-k elites (``topk``/``gather``).
+
+    Returns ``(mu, sigma, samples, costs, weights)`` like :func:`dcem_step`, with
+    0/1 weights. (``normalize`` does not change the ranking; it is accepted for
+    symmetry with :func:`dcem_step`.)
+    """
+    x = _sample(mu, sigma, eps, lb, ub)
+    v = _costs(f, x)
+    scores = _scores(v, normalize=False)
+    idx = scores.topk(n_elite, dim=-1).indices
+    elites = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    mu = elites.mean(1)
+    sigma = (elites - mu.unsqueeze(1)).square().mean(1).clamp_min(torch.finfo(x.dtype).tiny).sqrt()
+    weights = torch.zeros_like(v).scatter_(1, idx, 1.0)
+    return mu, sigma, x, v, weights
+
+
+# ----------------------------------------------------------------------------- loops
+
+
+def _generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
+    if generator is not None:
+        if torch.device(generator.device).type != device.type:
+            raise ValueError(f"generator is on {generator.device} but init_mu is on {device}")
+        return generator
+    # A private stream seeded from the global RNG, so the checkpoint mode can replay it.
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _replayed_step(
+    f: Cost, state: Tensor, shape: tuple[int, ...], after: list[Tensor], kw: dict
+) -> Callable[[Tensor, Tensor], tuple[Tensor, ...]]:
+    """A DCEM step that draws its noise from a saved generator state.
+
+    Checkpointing runs it once in the forward pass and again in the backward
+    pass; both draws are the same numbers. ``after`` receives the generator
+    state that follows the draw.
+    """
+
+    def run(mu: Tensor, sigma: Tensor) -> tuple[Tensor, ...]:
+        gen = torch.Generator(device=mu.device)
+        gen.set_state(state)
+        eps = torch.randn(shape, generator=gen, device=mu.device, dtype=mu.dtype)
+        after[:] = [gen.get_state()]
+        return dcem_step(f, mu, sigma, eps, **kw)
+
+    return run
+
+
+def dcem(
+    f: Cost,
+    init_mu: Tensor,
+    init_sigma: float | Tensor = 1.0,
+    *,
+    n_sample: int = 100,
+    n_elite: int = 10,
+    n_iter: int = 10,
+    tau: float = 1.0,
+    lb: Bound = None,
+    ub: Bound = None,
+    normalize: bool = True,
+    generator: torch.Generator | None = None,
+    backward: Backward = "full",
+    n_keep: int | None = None,
+    callback: Callable[[IterationInfo], None] | None = None,
+) -> Tensor:
+    """Differentiable cross-entropy method: ``argmin_x f(x)`` with gradients.
+
+    Each iteration draws ``X = mu + sigma * eps`` (``eps ~ N(0, I)``, clamped to
+    ``[lb, ub]``), evaluates ``v = f(X)``, standardizes ``v`` per problem when
+    ``normalize``, takes soft elite weights ``I = lml(-v, n_elite, tau)`` and
+    refits ``mu = sum_i I_i X_i / k``, ``sigma^2 = sum_i I_i (X_i - mu)^2 / k``.
+
+    Args:
+        f: costs of samples, ``(B, N, d) -> (B, N)``, lower is better.
+        init_mu: ``(B, d)``, or ``(d,)`` for one problem (the result is then ``(d,)``).
+        init_sigma: float or tensor broadcastable to ``(B, d)``, ``> 0``.
+        n_sample: samples per iteration N. n_elite: elites k, ``k < N``.
+        n_iter: iterations T. tau: the paper's temperature ``> 0``; it divides
+            the scores, and ``tau -> 0`` recovers hard CEM (the reference code's
+            ``temp`` multiplies, so it is ``1 / tau``).
+        lb, ub: optional bounds, floats or tensors broadcastable to ``(B, d)``.
+        normalize: standardize the costs per problem (makes ``tau`` scale-free).
+        generator: source of the Gaussian noise (common random numbers); by
+            default a private stream seeded from the global RNG.
+        backward: ``"full"`` keeps every iteration's graph; ``"checkpoint"``
+            recomputes each iteration in the backward pass from the same random
+            numbers (identical results and gradients, less memory);
+            ``"pruned"`` evaluates ``f`` on all N samples without a graph and
+            again with a graph on the ``n_keep`` samples of largest weight
+            (default ``3 * n_elite``) and at the mean: the cost gradients of
+            the other samples are dropped and replaced by the one at the mean.
+            This is an approximation whose error depends on the problem: with
+            ``tau = 1`` and standardized costs the samples outside the top 3k
+            still hold a large share of the elite weight (see the optimizer
+            benchmark for measured gradient errors).
+        n_keep: samples kept with a graph in the ``"pruned"`` mode.
+        callback: called with an :class:`IterationInfo` after each iteration.
+
+    Non-finite costs rank as the worst (weight ~0, never an elite while the
+    problem has ``k`` finite costs); a problem whose costs are all non-finite
+    raises ``ValueError`` naming its index.
+
+    Returns:
+        The final mean ``(B, d)`` (or ``(d,)``), clamped to the bounds.
+        Gradients reach the parameters of ``f``, ``init_mu`` and ``init_sigma``.
+    """
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < math.inf:
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    if backward not in ("full", "checkpoint", "pruned"):
+        raise ValueError(f"backward must be 'full', 'checkpoint' or 'pruned', got {backward!r}")
+    mu, sigma, lo, hi, single = _prepare(init_mu, init_sigma, lb, ub, n_sample, n_elite, n_iter)
+    n_keep = 3 * n_elite if n_keep is None else n_keep
+    if backward == "pruned":
+        _check_int("n_keep", n_keep, n_elite)
+        n_keep = min(n_keep, n_sample)
+    gen = _generator(generator, mu.device)
+    shape = (mu.shape[0], n_sample, mu.shape[1])
+    kw = dict(n_elite=n_elite, tau=float(tau), lb=lo, ub=hi, normalize=normalize)
+    for t in range(n_iter):
+        if backward == "checkpoint":
+            after: list[Tensor] = []
+            run = _replayed_step(f, gen.get_state(), shape, after, kw)
+            out = checkpoint(run, mu, sigma, use_reentrant=False)
+            gen.set_state(after[0])
+        else:
+            eps = torch.randn(shape, generator=gen, device=mu.device, dtype=mu.dtype)
+            if backward == "pruned":
+                out = _dcem_step_pruned(f, mu, sigma, eps, n_keep=n_keep, **kw)
+            else:
+                out = dcem_step(f, mu, sigma, eps, **kw)
+        mu, sigma = out[0], out[1]
+        if callback is not None:
+            x, v, w = (a.detach() for a in out[2:])
+            callback(IterationInfo(t, x, v, w, mu.detach(), sigma.detach()))
+    return _finish(mu, lo, hi, single)
+
+
+def _finish(mu: Tensor, lb: Tensor | None, ub: Tensor | None, single: bool) -> Tensor:
+    if lb is not None or ub is not None:
+        mu = torch.clamp(mu, lb, ub)
+    return mu.squeeze(0) if single else mu
+
+
+def cem(
+    f: Cost,
+    init_mu: Tensor,
+    init_sigma: float | Tensor = 1.0,
+    *,
+    n_sample: int = 100,
+    n_elite: int = 10,
+    n_iter: int = 10,
+    lb: Bound = None,
+    ub: Bound = None,
+    normalize: bool = True,
+    generator: torch.Generator | None = None,
+    return_best: bool = False,
+    grad: bool = False,
+    callback: Callable[[IterationInfo], None] | None = None,
+) -> Tensor:
+    """Cross-entropy method: ``argmin_x f(x)`` with hard top-k elites.
+
+    Same arguments and shapes as :func:`dcem` without ``tau``: each iteration
+    keeps the ``n_elite`` samples of lowest cost (vectorized ``topk`` and
+    ``gather``) and refits the mean and std to them. Runs under ``no_grad``
+    unless ``grad=True``. With ``return_best`` the best sample seen over all
+    iterations is returned instead of the final mean. Non-finite costs rank
+    last; a problem with no finite cost raises ``ValueError``.
+
+    Returns:
+        ``(B, d)`` (or ``(d,)``): the final mean or the best sample, clamped to the bounds.
+    """
+    mu, sigma, lo, hi, single = _prepare(init_mu, init_sigma, lb, ub, n_sample, n_elite, n_iter)
+    gen = _generator(generator, mu.device)
+    shape = (mu.shape[0], n_sample, mu.shape[1])
+    best_x, best_v = mu, torch.full(mu.shape[:1], math.inf, dtype=mu.dtype, device=mu.device)
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        for t in range(n_iter):
+            eps = torch.randn(shape, generator=gen, device=mu.device, dtype=mu.dtype)
+            mu, sigma, x, v, w = cem_step(f, mu, sigma, eps, n_elite=n_elite, lb=lo, ub=hi)
+            if return_best:
+                vv = torch.where(torch.isfinite(v), v, torch.full_like(v, math.inf))
+                val, idx = vv.min(-1)
+                better = val < best_v
+                cand = x.gather(1, idx.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1)
+                best_x = torch.where(better.unsqueeze(-1), cand, best_x)
+                best_v = torch.where(better, val, best_v)
+            if callback is not None:
+                callback(IterationInfo(t, x.detach(), v.detach(), w, mu.detach(), sigma.detach()))
+    return _finish(best_x if return_best else mu, lo, hi, single)
+
+
+def unroll_gd(f: Callable[[Tensor], Tensor], y0: Tensor, *, n_iter: int, lr: float) -> Tensor:
+    """Unrolled gradient descent ``y <- y - lr * grad_y f(y)``, differentiable through every step.
+
+    Args:
+        f: costs per problem, ``(B, d) -> (B,)`` (or a scalar); the step uses ``grad`` of
+            its sum, so problems stay independent.
+        y0: ``(B, d)`` start. n_iter: steps ``>= 1``. lr: step size ``> 0``.
+
+    Returns:
+        ``(B, d)``. When grad mode is on, the steps are taken with
+        ``torch.autograd.grad(..., create_graph=True)`` so the result is
+        differentiable w.r.t. the parameters of ``f`` (second derivatives);
+        under ``no_grad`` the steps are taken without building a graph.
+    """
+    _check_int("n_iter", n_iter, 1)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if not isinstance(y0, Tensor) or not y0.is_floating_point():
+        raise ValueError(f"y0 must be a floating tensor, got {y0!r}")
+    create_graph = torch.is_grad_enabled()
+    y = y0 if y0.requires_grad else y0.detach().requires_grad_()
+    with torch.enable_grad():
+        for _ in range(n_iter):
+            energy = f(y)
+            if not isinstance(energy, Tensor) or energy.shape not in (y.shape[:1], torch.Size([])):
+                got = tuple(energy.shape) if isinstance(energy, Tensor) else type(energy)
+                raise ValueError(
+                    f"f must return costs of shape (B,) = {tuple(y.shape[:1])}, got {got}"
+                )
+            (g,) = torch.autograd.grad(energy.sum(), y, create_graph=create_graph)
+            y = y - lr * g
+            if not create_graph:
+                y = y.detach().requires_grad_()
+    return y if create_graph else y.detach()
+
+
+class DCEM(torch.nn.Module):
+    """Thin module holding the hyper-parameters of :func:`dcem`.
+
+    ``forward(f, init_mu, init_sigma=None, generator=None)`` calls :func:`dcem`.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_sample: int = 100,
+        n_elite: int = 10,
+        n_iter: int = 10,
+        tau: float = 1.0,
+        init_sigma: float = 1.0,
+        lb: Bound = None,
+        ub: Bound = None,
+        normalize: bool = True,
+        backward: Backward = "full",
+    ) -> None:
+        super().__init__()
+        self.kw = dict(
+            n_sample=n_sample,
+            n_elite=n_elite,
+            n_iter=n_iter,
+            tau=tau,
+            lb=lb,
+            ub=ub,
+            normalize=normalize,
+            backward=backward,
+        )
+        self.init_sigma = init_sigma
+
+    def forward(
+        self,
+        f: Cost,
+        init_mu: Tensor,
+        init_sigma: float | Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        sigma = self.init_sigma if init_sigma is None else init_sigma
+        return dcem(f, init_mu, sigma, generator=generator, **self.kw)  # type: ignore[arg-type]

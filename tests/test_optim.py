@@ -1,0 +1,330 @@
+"""Tests of CEM, DCEM and unrolled GD: optima, finite-difference gradients, limits, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import dcem
+from dcem.optim import IterationInfo
+
+F64 = torch.float64
+
+
+def quadratic(p: torch.Tensor):
+    """0.5 x'x + p'x per problem; p: (B, d). The minimizer is -p."""
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (x * x).sum(-1) + (x * p.unsqueeze(1)).sum(-1)
+
+    return f
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def mlp_problem(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """The regression-style cost: a 2-128-128-128-1 Softplus energy E(x, y) over y, B=100, d=1."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(2, 128),
+        torch.nn.Softplus(),
+        torch.nn.Linear(128, 128),
+        torch.nn.Softplus(),
+        torch.nn.Linear(128, 128),
+        torch.nn.Softplus(),
+        torch.nn.Linear(128, 1),
+    ).to(dtype)
+    xs = torch.linspace(0, 2 * math.pi, 100, dtype=dtype).unsqueeze(-1)
+
+    def f(y: torch.Tensor) -> torch.Tensor:
+        inp = torch.cat([xs.unsqueeze(1).expand(-1, y.shape[1], -1), y], -1)
+        return net(inp).squeeze(-1)
+
+    return net, f, torch.zeros(100, 1, dtype=dtype)
+
+
+def test_quadratic_optimum() -> None:
+    p = torch.randn(2, 2, generator=gen(1), dtype=F64)
+    kw = dict(n_sample=100, n_elite=50, n_iter=40, generator=gen(2))
+    x_dcem = dcem.dcem(quadratic(p), torch.zeros(2, 2, dtype=F64), 3.0, tau=1.0, **kw)
+    assert (x_dcem + p).abs().max() < 1e-3
+    x_cem = dcem.cem(quadratic(p), torch.zeros(2, 2, dtype=F64), 3.0, **kw)
+    assert (x_cem + p).abs().max() < 1e-3
+
+
+def test_single_problem_shape_and_module() -> None:
+    p = torch.tensor([[0.5, -1.0, 2.0]], dtype=F64)
+    out = dcem.dcem(quadratic(p), torch.zeros(3, dtype=F64), 2.0, n_iter=20, generator=gen())
+    assert out.shape == (3,)
+    module = dcem.DCEM(n_iter=20, init_sigma=2.0)
+    assert torch.equal(module(quadratic(p), torch.zeros(3, dtype=F64), generator=gen()), out)
+
+
+def _central_fd(fn, t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    grad = torch.zeros_like(t)
+    flat = grad.view(-1)
+    for i in range(t.numel()):
+        plus, minus = t.clone(), t.clone()
+        plus.view(-1)[i] += eps
+        minus.view(-1)[i] -= eps
+        flat[i] = (fn(plus) - fn(minus)) / (2 * eps)
+    return grad
+
+
+@pytest.mark.parametrize("backward", ["full", "checkpoint"])
+def test_gradients_match_finite_differences(backward: str) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(3, 3, dtype=F64)
+    a = w @ w.T + torch.eye(3, dtype=F64)  # a positive-definite quadratic with parameters
+    p0 = torch.randn(2, 3, dtype=F64)
+    mu0 = torch.randn(2, 3, dtype=F64)
+    sigma0 = torch.full((2, 3), 1.5, dtype=F64)
+    weight = torch.randn(2, 3, dtype=F64)
+
+    def solve(p: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        def f(x: torch.Tensor) -> torch.Tensor:
+            return 0.5 * torch.einsum("bni,ij,bnj->bn", x, a, x) + (x * p.unsqueeze(1)).sum(-1)
+
+        out = dcem.dcem(
+            f,
+            mu,
+            sigma,
+            n_sample=20,
+            n_elite=5,
+            n_iter=3,
+            tau=0.5,
+            generator=gen(3),
+            backward=backward,
+        )
+        return (out * weight).sum()
+
+    args = [t.clone().requires_grad_() for t in (p0, mu0, sigma0)]
+    solve(*args).backward()
+    for i, name in enumerate(["p", "init_mu", "init_sigma"]):
+
+        def along(t: torch.Tensor, i: int = i) -> torch.Tensor:
+            full = [p0, mu0, sigma0]
+            full[i] = t
+            return solve(*full).detach()
+
+        fd = _central_fd(along, [p0, mu0, sigma0][i])
+        err = (args[i].grad - fd).norm() / fd.norm()
+        assert err < 1e-4, (name, float(err))
+
+
+def test_small_tau_equals_cem_iterates() -> None:
+    # Prop. 2's corollary: as tau -> 0 the soft elites become the hard ones. The
+    # weights differ from 0/1 by about exp(-gap / tau), with gap the distance of
+    # the k-th and (k+1)-th standardized scores, so the iterates agree to 1e-6
+    # whenever every such gap exceeds ~30 tau; the test checks that it does.
+    p = torch.randn(4, 3, generator=gen(5), dtype=F64)
+    traces: dict[str, list[torch.Tensor]] = {"dcem": [], "cem": []}
+    gaps: list[float] = []
+
+    def record(name: str):
+        def cb(info: IterationInfo) -> None:
+            traces[name].append(torch.cat([info.mu, info.sigma], -1))
+            if name == "cem":
+                z = (info.costs - info.costs.mean(-1, keepdim=True)) / info.costs.std(
+                    -1, keepdim=True
+                )
+                ranked = z.sort(-1).values
+                gaps.append(float((ranked[:, 5] - ranked[:, 4]).min()))
+
+        return cb
+
+    kw = dict(n_sample=20, n_elite=5, n_iter=6, normalize=True)
+    mu0 = torch.zeros(4, 3, dtype=F64)
+    dcem.dcem(quadratic(p), mu0, 2.0, tau=1e-4, generator=gen(6), callback=record("dcem"), **kw)
+    dcem.cem(quadratic(p), mu0, 2.0, generator=gen(6), callback=record("cem"), **kw)
+    assert min(gaps) > 30 * 1e-4
+    for a, b in zip(traces["dcem"], traces["cem"], strict=True):
+        assert (a - b).abs().max() < 1e-6
+    # the reference's inverse convention (temp = 1e-4 multiplying) would give weights ~ k/N
+    soft: list[IterationInfo] = []
+    dcem.dcem(quadratic(p), mu0, 2.0, tau=1e4, generator=gen(6), callback=soft.append, **kw)
+    assert torch.allclose(soft[0].weights, torch.full_like(soft[0].weights, 5 / 20), atol=1e-3)
+
+
+def test_checkpoint_is_bit_identical() -> None:
+    net, f, y0 = mlp_problem(dtype=F64)
+    grads = {}
+    outs = {}
+    for mode in ["full", "checkpoint"]:
+        net.zero_grad()
+        out = dcem.dcem(f, y0, 7.0, n_iter=4, generator=gen(11), backward=mode)
+        out.sum().backward()
+        outs[mode] = out.detach()
+        grads[mode] = [q.grad.clone() for q in net.parameters()]
+    assert torch.equal(outs["full"], outs["checkpoint"])
+    for a, b in zip(grads["full"], grads["checkpoint"], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_generator_reproducible_and_global_rng_used_otherwise() -> None:
+    p = torch.randn(2, 2, dtype=F64)
+    a = dcem.dcem(quadratic(p), torch.zeros(2, 2, dtype=F64), n_iter=3, generator=gen(1))
+    b = dcem.dcem(quadratic(p), torch.zeros(2, 2, dtype=F64), n_iter=3, generator=gen(1))
+    assert torch.equal(a, b)
+    torch.manual_seed(0)
+    c = dcem.dcem(quadratic(p), torch.zeros(2, 2, dtype=F64), n_iter=3)
+    torch.manual_seed(0)
+    d = dcem.dcem(quadratic(p), torch.zeros(2, 2, dtype=F64), n_iter=3)
+    assert torch.equal(c, d) and not torch.equal(a, c)
+
+
+def test_bounds_clamp_samples_and_result() -> None:
+    p = torch.tensor([[-5.0, 5.0]], dtype=F64)  # optimum (5, -5) lies outside the box
+    seen: list[IterationInfo] = []
+    out = dcem.dcem(
+        quadratic(p),
+        torch.zeros(1, 2, dtype=F64),
+        3.0,
+        lb=-1.0,
+        ub=torch.tensor([2.0, 1.0]),
+        n_iter=10,
+        generator=gen(),
+        callback=seen.append,
+    )
+    for info in seen:
+        assert info.samples[..., 0].min() >= -1 and info.samples[..., 0].max() <= 2
+        assert info.samples[..., 1].min() >= -1 and info.samples[..., 1].max() <= 1
+    assert torch.allclose(out, torch.tensor([[2.0, -1.0]], dtype=F64), atol=0.05)
+    best = dcem.cem(
+        quadratic(p), torch.zeros(1, 2, dtype=F64), 3.0, lb=-1.0, ub=1.0, generator=gen()
+    )
+    assert best.abs().max() <= 1.0
+
+
+def test_cem_return_best_and_no_grad() -> None:
+    p = torch.randn(3, 2, generator=gen(9), dtype=F64).requires_grad_()
+    mean = dcem.cem(quadratic(p), torch.zeros(3, 2, dtype=F64), n_iter=3, generator=gen(1))
+    best = dcem.cem(
+        quadratic(p), torch.zeros(3, 2, dtype=F64), n_iter=3, generator=gen(1), return_best=True
+    )
+    assert not mean.requires_grad and not best.requires_grad
+    # the best sample over all iterations is no worse than any sample of the first iteration
+    first: list[IterationInfo] = []
+    dcem.cem(
+        quadratic(p),
+        torch.zeros(3, 2, dtype=F64),
+        n_iter=1,
+        generator=gen(1),
+        callback=first.append,
+    )
+    f = quadratic(p.detach())
+    assert torch.all(f(best.unsqueeze(1)).squeeze(1) <= first[0].costs.min(-1).values + 1e-12)
+    mu0 = torch.zeros(3, 2, dtype=F64, requires_grad=True)  # hard elites pass gradients to mu0 only
+    assert dcem.cem(quadratic(p), mu0, n_iter=2, grad=True).requires_grad
+    assert not dcem.cem(quadratic(p), mu0, n_iter=2).requires_grad
+
+
+def test_nonfinite_costs_rank_last() -> None:
+    p = torch.zeros(2, 2, dtype=F64)
+    base = quadratic(p)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        v = base(x)
+        v = torch.where(x[..., 0] > 0.5, torch.full_like(v, math.nan), v)
+        return torch.where(x[..., 1] > 0.5, torch.full_like(v, math.inf), v)
+
+    for solver in ("dcem", "cem"):
+        seen: list[IterationInfo] = []
+        getattr(dcem, solver)(
+            f, torch.zeros(2, 2, dtype=F64), n_iter=3, generator=gen(), callback=seen.append
+        )
+        assert (~torch.isfinite(seen[0].costs)).any()
+        for info in seen:
+            bad = ~torch.isfinite(info.costs)
+            if bad.any():
+                assert info.weights[bad].max() < 1e-12
+            assert torch.allclose(info.weights.sum(-1), torch.full((2,), 10.0, dtype=F64))
+
+    def all_bad_second(x: torch.Tensor) -> torch.Tensor:
+        v = base(x)
+        v[1] = math.nan
+        return v
+
+    for solver in ("dcem", "cem"):
+        with pytest.raises(ValueError, match=r"problem\(s\) \[1\]"):
+            getattr(dcem, solver)(all_bad_second, torch.zeros(2, 2, dtype=F64), generator=gen())
+
+
+def test_pruned_keeping_everything_equals_full_and_drops_graph_otherwise() -> None:
+    net, f, y0 = mlp_problem(seed=1, dtype=F64)
+    target = torch.linspace(0, 2 * math.pi, 100, dtype=F64).unsqueeze(-1)
+
+    def grads(mode: str, n_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        net.zero_grad()
+        out = dcem.dcem(f, y0, 7.0, n_iter=3, generator=gen(4), backward=mode, n_keep=n_keep)
+        ((out - target * torch.sin(target)) ** 2).mean().backward()
+        return out.detach(), torch.cat([q.grad.flatten() for q in net.parameters()])
+
+    out_full, g_full = grads("full", 30)
+    out_all, g_all = grads("pruned", 100)
+    assert torch.equal(out_full, out_all)
+    assert torch.allclose(g_all, g_full, rtol=1e-9, atol=1e-9 * g_full.abs().max())
+    out_30, g_30 = grads("pruned", 30)
+    assert torch.equal(out_full, out_30)  # the forward pass is exact
+    assert not torch.allclose(g_30, g_full)  # the backward pass is an approximation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(n_sample=10, n_elite=10), "n_elite must be < n_sample"),
+        (dict(n_iter=0), "n_iter"),
+        (dict(init_sigma=0.0), "init_sigma"),
+        (dict(init_sigma=torch.tensor([1.0, -1.0])), "init_sigma"),
+        (dict(init_sigma=torch.ones(3)), r"init_sigma of shape \(3,\)"),
+        (dict(lb=1.0, ub=0.0), "lb must be < ub"),
+        (dict(tau=0.0), "tau"),
+        (dict(backward="sometimes"), "backward"),
+        (dict(init_sigma=torch.ones(2, device="meta")), "device"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    p = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match=match):
+        dcem.dcem(quadratic(p), torch.zeros(1, 2), **kwargs)
+
+
+def test_bad_cost_function() -> None:
+    with pytest.raises(ValueError, match=r"shape \(B, N\) = \(1, 100\).*got \(1, 100, 2\)"):
+        dcem.dcem(lambda x: x, torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="floating"):
+        dcem.cem(lambda x: (x.sum(-1) > 0).long(), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="init_mu"):
+        dcem.dcem(lambda x: x.sum(-1), torch.zeros(1, 2, 3))
+
+
+def test_unroll_gd_matches_closed_form_and_fd() -> None:
+    # f(y) = 0.5 a ||y||^2 + b'y: y_T = (1 - lr a)^T y0 - b (1 - (1 - lr a)^T) / a
+    a = torch.tensor(2.0, dtype=F64, requires_grad=True)
+    b = torch.tensor([[0.3, -0.7]], dtype=F64, requires_grad=True)
+    y0 = torch.tensor([[1.0, 2.0]], dtype=F64)
+
+    def solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return dcem.unroll_gd(
+            lambda y: 0.5 * a * (y * y).sum(-1) + (b * y).sum(-1), y0, n_iter=5, lr=0.1
+        )
+
+    y = solve(a, b)
+    r = 1 - 0.1 * a.detach()
+    closed = r**5 * y0 - b.detach() * (1 - r**5) / a.detach()
+    assert torch.allclose(y.detach(), closed, atol=1e-12)
+    y.sum().backward()
+    fd_a = (
+        solve(a.detach() + 1e-6, b.detach()) - solve(a.detach() - 1e-6, b.detach())
+    ).sum() / 2e-6
+    assert torch.allclose(a.grad, fd_a, rtol=1e-6)
+    with torch.no_grad():
+        assert not solve(a, b).requires_grad
+    with pytest.raises(ValueError, match="n_iter"):
+        dcem.unroll_gd(lambda y: y.sum(-1), y0, n_iter=0, lr=0.1)
+    with pytest.raises(ValueError, match=r"shape \(B,\)"):
+        dcem.unroll_gd(lambda y: y, y0, n_iter=2, lr=0.1)
