@@ -16,17 +16,33 @@ from dcem.control.cartpole import (
     validation_states,
 )
 from dcem.control.decoder import ActionDecoder
+from dcem.control.mpc import (
+    EXPERT_CEM,
+    LATENT_DCEM,
+    HorizonSolution,
+    MPCResult,
+    SolverConfig,
+    run_mpc,
+    solve_horizon,
+)
 
 __all__ = [
     "DT",
+    "EXPERT_CEM",
+    "LATENT_DCEM",
     "U_LB",
     "U_UB",
     "ActionDecoder",
     "CartpoleParams",
+    "HorizonSolution",
+    "MPCResult",
+    "SolverConfig",
     "reward",
     "rollout",
     "rollout_cost",
+    "run_mpc",
     "sample_initial_states",
+    "solve_horizon",
     "step",
     "validation_states",
 ]
