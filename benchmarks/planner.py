@@ -22,7 +22,7 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,7 +45,7 @@ class Config:
     n_sample: int = 1000
     n_elite: int = 100
     gemm_size: int = 2048
-    repeats: int = 5
+    repeats: int = 7
 
 
 TINY = Config(deter_size=16, stoch_size=4, hidden_size=16, horizon=3, n_iter=2, n_sample=50,
@@ -72,24 +72,25 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def gemm_flops_per_s(c: Config, device: torch.device, dtype: torch.dtype) -> float:
-    """Best-of-``repeats`` throughput of a square ``torch.mm`` of size ``gemm_size``."""
+def gemm_flops_per_s(c: Config, device: torch.device, dtype: torch.dtype):
+    """A timer of a square ``torch.mm`` of size ``gemm_size``: each call returns FLOP/s."""
     n = c.gemm_size
-    a, b = (
-        torch.randn(n, n, device=device, dtype=dtype),
-        torch.randn(n, n, device=device, dtype=dtype),
-    )
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
-    reps = max(1, int(2e10 // (2 * n**3)))  # about 0.2 s per timing on a 100 GFLOP/s core
+    reps = max(1, int(1e10 // (2 * n**3)))  # about 0.1 s per timing on a 100 GFLOP/s core
     torch.mm(a, b, out=out)
-    best = min(
-        _timed(lambda: [torch.mm(a, b, out=out) for _ in range(reps)], device)
-        for _ in range(c.repeats)
+    return lambda: (
+        2 * n**3 * reps / _timed(lambda: [torch.mm(a, b, out=out) for _ in range(reps)], device)
     )
-    return 2 * n**3 * reps / best
 
 
 def bench_device(c: Config, device: torch.device, dtype: torch.dtype) -> dict:
+    """Time decisions, the plain loop and the matmul throughput, interleaved per repeat.
+
+    Other processes on a shared machine slow all three alike within one repeat, so besides
+    best-versus-best the per-repeat (paired) ratios are reported.
+    """
     torch.manual_seed(0)
     model = RSSM(c.obs_size, c.action_size, deter_size=c.deter_size, stoch_size=c.stoch_size,
                  hidden_size=c.hidden_size, n_layers=c.n_layers).to(device, dtype)  # fmt: skip
@@ -97,27 +98,23 @@ def bench_device(c: Config, device: torch.device, dtype: torch.dtype) -> dict:
     sizes = (c.deter_size, c.stoch_size, c.stoch_size, c.stoch_size)
     state = State(*(torch.randn(1, n, device=device, dtype=dtype, generator=g) for n in sizes))
     kwargs = dict(horizon=c.horizon, n_iter=c.n_iter, n_sample=c.n_sample, n_elite=c.n_elite)
+    start = State(*(x.expand(c.n_sample, -1) for x in state))
+    actions = torch.randn(c.horizon, c.n_sample, c.action_size, device=device, dtype=dtype)
 
     def decide() -> None:
         plan(model, state, generator=g, **kwargs)
-
-    decide()  # warm-up
-    times = [_timed(decide, device) for _ in range(c.repeats)]
-
-    start = State(*(x.expand(c.n_sample, -1) for x in state))
-    actions = torch.randn(c.horizon, c.n_sample, c.action_size, device=device, dtype=dtype)
 
     @torch.no_grad()
     def plain() -> None:  # the rollouts of one decision with the per-layer loop
         for _ in range(c.n_iter):
             model.imagine(start, actions, generator=g).sum(0)
 
-    plain()
-    plain_time = min(_timed(plain, device) for _ in range(c.repeats))
-
-    flops = gemm_flops_per_s(c, device, dtype)
+    gemm = gemm_flops_per_s(c, device, dtype)
+    decide(), plain()  # warm-up
+    runs = [(_timed(decide, device), _timed(plain, device), gemm()) for _ in range(c.repeats)]
+    times, plain_times, flops = (list(x) for x in zip(*runs, strict=True))
     macs = macs_per_transition(c) * c.n_sample * c.horizon * c.n_iter
-    floor = 2 * macs / flops
+    floor = 2 * macs / max(flops)
     best = min(times)
     return {
         "device": device.type,
@@ -128,11 +125,17 @@ def bench_device(c: Config, device: torch.device, dtype: torch.dtype) -> dict:
         "s_per_decision": best,
         "s_per_decision_median": statistics.median(times),
         "macs_per_decision": macs,
-        "gemm_flops_per_s": flops,
+        "gemm_flops_per_s": max(flops),
         "floor_s_per_decision": floor,
         "ratio_to_floor": best / floor,
-        "plain_imagine_s_per_decision": plain_time,
-        "plain_ratio_to_floor": plain_time / floor,
+        "ratio_to_floor_paired_median": statistics.median(
+            t * f / (2 * macs) for t, f in zip(times, flops, strict=True)
+        ),
+        "plain_imagine_s_per_decision": min(plain_times),
+        "plain_ratio_to_floor": min(plain_times) / floor,
+        "plain_ratio_to_floor_paired_median": statistics.median(
+            t * f / (2 * macs) for t, f in zip(plain_times, flops, strict=True)
+        ),
     }
 
 
@@ -143,9 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
                         help="'all': the CPU and, when available, CUDA")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed decisions per device")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = TINY if args.tiny else Config()
+    if args.repeats is not None:
+        config = replace(config, repeats=args.repeats)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     if not devices:
@@ -163,7 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{r['device']}: {r['decisions_per_s']:.3f} decisions/s "
             f"({r['s_per_decision']:.3f} s; floor {r['floor_s_per_decision']:.3f} s; "
-            f"ratio {r['ratio_to_floor']:.2f}; plain loop ratio {r['plain_ratio_to_floor']:.2f})"
+            f"ratio {r['ratio_to_floor']:.2f}, paired median "
+            f"{r['ratio_to_floor_paired_median']:.2f}; plain loop {r['plain_ratio_to_floor']:.2f}, "
+            f"{r['plain_ratio_to_floor_paired_median']:.2f})"
         )
 
 

@@ -3,6 +3,7 @@ planner on a model with a known optimum. The dm_control wrapper is in test_world
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import subprocess
@@ -340,3 +341,20 @@ def test_planner_benchmark_tiny(tmp_path):
     assert cpu["macs_per_decision"] == result["config"]["macs_per_transition"] * (
         result["config"]["n_sample"] * result["config"]["horizon"] * result["config"]["n_iter"]
     )
+
+
+def test_benchmark_counts_every_weight_of_a_transition_once(monkeypatch):
+    path = ROOT / "benchmarks" / "planner.py"
+    spec = importlib.util.spec_from_file_location("planner_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "planner_bench", bench)  # dataclasses look the module up
+    spec.loader.exec_module(bench)
+    config = bench.Config(deter_size=12, stoch_size=5, hidden_size=7, n_layers=3, action_size=2)
+    model = RSSM(4, 2, deter_size=12, stoch_size=5, hidden_size=7, n_layers=3)
+    weights = [
+        p
+        for module in (model.input, model.gru, model.prior, model.reward)
+        for name, p in module.named_parameters()
+        if "weight" in name
+    ]
+    assert bench.macs_per_transition(config) == sum(p.numel() for p in weights)

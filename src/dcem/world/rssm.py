@@ -352,10 +352,11 @@ class RSSM(nn.Module):
             hx = buf.hx_last if last else buf.hx
             hx = torch.addmm(w.h_bias[: hx.shape[1]], h, w.h_weight[:, : hx.shape[1]], out=hx)
             p = _layers(hx[:, : w.hidden].relu_(), w.prior_hidden, buf.prior)
-            s = torch.addmm(w.mean_bias, p, w.mean, out=buf.s)
+            stats = torch.addmm(w.stats_bias, p, w.stats, out=buf.stats)
+            s = stats[:, : self.stoch_size]
             if sample:
-                std = F.softplus(torch.addmm(w.std_bias, p, w.std, out=buf.std))
-                s.addcmul_(std.add_(self.min_std), noise[t].view(m, -1))
+                std = F.softplus(buf.std.copy_(stats[:, w.half : w.half + self.stoch_size]))
+                s = torch.addcmul(s, std.add_(self.min_std), noise[t].view(m, -1), out=buf.s)
             sx = buf.sx_last if last else buf.sx
             sx = torch.addmm(w.s_bias[: sx.shape[1]], s, w.s_weight[:, : sx.shape[1]], out=sx)
             r = hx[:, w.hidden : 2 * w.hidden].add_(sx[:, : w.hidden]).relu_()
@@ -465,7 +466,8 @@ class _StackedWeights:
 
     ``h_weight = [prior₀ | reward₀ (h part) | GRU hidden]: (deter, 2 hidden + 3 deter)``;
     ``s_weight = [reward₀ (s part) | input₀ (s part)]: (stoch, 2 hidden)`` with bias
-    ``s_bias = [0 | input₀ bias]``. The GRU's new-gate
+    ``s_bias = [0 | input₀ bias]``; ``stats`` is the prior's output layer with its mean and
+    std halves padded to a multiple of 8 columns (a narrow matmul is slow). The GRU's new-gate
     rows are doubled (see ``_gru``).
     """
 
@@ -492,9 +494,14 @@ class _StackedWeights:
         self.s_weight = torch.cat([reward0.weight[:, d:], in0.weight[:, :s]]).t().contiguous()
         self.s_bias = torch.cat([torch.zeros_like(reward0.bias), in0.bias])
         self.prior_hidden = _pairs(lin["prior"][1:-1])
-        self.mean, self.std = lin["prior"][-1].weight.t().chunk(2, dim=1)
-        self.mean, self.std = self.mean.contiguous(), self.std.contiguous()
-        self.mean_bias, self.std_bias = lin["prior"][-1].bias.chunk(2)
+        # prior statistics [mean | 0 | raw std | 0], halves padded to a multiple of 8 columns
+        self.half = -(-s // 8) * 8
+        out = lin["prior"][-1]
+        self.stats = out.weight.new_zeros(out.in_features, 2 * self.half)
+        self.stats_bias = out.bias.new_zeros(2 * self.half)
+        for i, part in enumerate(range(0, 2 * s, s)):
+            self.stats[:, i * self.half : i * self.half + s] = out.weight[part : part + s].t()
+            self.stats_bias[i * self.half : i * self.half + s] = out.bias[part : part + s]
         self.reward_hidden = _pairs(lin["reward"][1:-1])
         self.reward_out = lin["reward"][-1].weight.t().contiguous()
         self.reward_out_bias = lin["reward"][-1].bias
@@ -512,7 +519,7 @@ class _Workspace:
         self.gi, self.h = new(m, 3 * d), [new(m, d), new(m, d)]
         self.hx, self.hx_last = new(m, 2 * k + 3 * d), new(m, 2 * k)
         self.prior = [new(m, k) for _ in w.prior_hidden]
-        self.s, self.std = new(m, s), new(m, s)
+        self.stats, self.s, self.std = new(m, 2 * w.half), new(m, s), new(m, s)
         self.sx, self.sx_last = new(m, 2 * k), new(m, k)
         self.reward = [new(m, k) for _ in w.reward_hidden]
         self.reward_sum = like.new_zeros(m, k)
