@@ -19,6 +19,7 @@ from dcem.control.decoder import ActionDecoder
 from dcem.control.mpc import (
     EXPERT_CEM,
     LATENT_DCEM,
+    REFERENCE_EXPERT_CEM,
     HorizonSolution,
     MPCResult,
     SolverConfig,
@@ -30,6 +31,7 @@ __all__ = [
     "DT",
     "EXPERT_CEM",
     "LATENT_DCEM",
+    "REFERENCE_EXPERT_CEM",
     "U_LB",
     "U_UB",
     "ActionDecoder",

@@ -63,8 +63,12 @@ class SolverConfig:
 LATENT_DCEM = SolverConfig()
 """Latent DCEM of the paper: 100 samples, 10 elites, 10 iterations, τ = 1."""
 EXPERT_CEM = SolverConfig(method="cem", n_sample=1000, n_elite=100, n_iter=10)
-"""Full-space CEM expert with an order of magnitude more samples than latent DCEM (the
-reference code's expert is 100 samples, 10 elites, 30 iterations instead)."""
+"""Full-space CEM expert of the paper's description: an order of magnitude more samples
+than latent DCEM. Mean cost on ``validation_states()``, H = 20: about -8.5 (-9.5 with
+``return_best=True``)."""
+REFERENCE_EXPERT_CEM = SolverConfig(method="cem", n_sample=100, n_elite=10, n_iter=30)
+"""Full-space CEM expert of the reference code: 100 samples, 10 elites, 30 iterations.
+Mean cost on ``validation_states()``, H = 20: about -9.0 (the paper's expert line)."""
 
 
 class HorizonSolution(NamedTuple):
