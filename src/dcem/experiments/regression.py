@@ -1,0 +1,816 @@
+"""Energy-based 1-D regression: unrolled GD vs DCEM (paper §5.1, appendix B; figs 2, 6, 7).
+
+Data ``y* = x sin(x)`` on ``n_points`` evenly spaced ``x`` in ``[0, 2 pi]``. An energy network
+``E_theta(x, y)`` (MLP on ``(x, y)``) defines the prediction ``y_hat(x) = argmin_y E_theta(x, y)``,
+computed by a differentiable inner optimizer:
+
+- ``gd``: :func:`dcem.unroll_gd`, ``n_inner_iter`` steps of size ``gd_lr`` from ``y = 0``;
+- ``dcem``: :func:`dcem.dcem`, ``n_inner_iter`` iterations from ``N(0, dcem_init_sigma^2)``.
+
+Training (the public reference's ``exps/regression.py``): each *sample step* draws one training
+index and makes ``n_inner_update`` Adam updates on ``(y_hat(x_j) - y*_j)^2`` (recomputing the
+prediction each time, gradient norm clipped); every ``eval_every`` updates the full-data MSE is
+logged and steps a reduce-on-plateau schedule. At the end each model is evaluated with
+``1..20`` inner steps (the test-time ablation), and its predictions and energy surface are saved.
+
+Run folder (``out``)::
+
+    config.json              resolved config, git commit, library versions
+    metrics.csv              method, seed, update, train_mse, lr (every eval_every updates)
+    summary.json             final MSE, ablation and timings per method (see `summarize`)
+    ckpt/{method}-{seed}.pt  latest training state of each job (resume)
+    jobs/{method}-{seed}.*   per-job metrics (.csv), model outputs (.npz), result (.json)
+    *.png                    figures, drawn only from the files above (`plot`)
+
+Jobs run in parallel worker processes with one torch thread each; a killed run resumes from
+its checkpoints and reproduces the numbers of an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import queue
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import dcem
+from dcem.experiments import common
+
+__all__ = [
+    "EXPERIMENT",
+    "METHODS",
+    "EnergyNet",
+    "RegressionConfig",
+    "RunFolderError",
+    "check_out_folder",
+    "plot",
+    "predict",
+    "run",
+    "summarize",
+]
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "regression"
+METHODS = ("gd", "dcem")
+LABELS = {"gd": "Unrolled GD", "dcem": "DCEM"}
+COLORS = {"gd": "#348ABD", "dcem": "#A60628"}
+METRIC_FIELDS = ["update", "train_mse", "lr"]
+CKPT_VERSION = 1
+
+Progress = Callable[[str, int], None]
+"""Called as ``progress(job_key, updates_done)`` every ``eval_every`` updates of a job."""
+
+
+class RunFolderError(ValueError):
+    """The output folder holds something this run must not resume from or overwrite."""
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class RegressionConfig:
+    """Everything that determines the results of a regression run (recorded in config.json)."""
+
+    methods: tuple[str, ...] = METHODS
+    """Inner optimizers to train, a subset of ``("gd", "dcem")``."""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """One training job per (method, seed); the seed fixes init, data order and DCEM noise."""
+    n_updates: int = 60_000
+    """Adam updates per job (the paper's "number of updates")."""
+    n_inner_update: int = 3
+    """Consecutive updates on the same randomly drawn training point."""
+    n_points: int = 100
+    """Training points ``x`` evenly spaced on ``[0, 2 pi]``."""
+    n_hidden: int = 128
+    """Width of each of the energy MLP's three Softplus hidden layers."""
+    lr: float = 1e-3
+    """Initial Adam learning rate."""
+    clip_norm: float = 1.0
+    """Maximum gradient norm of each update."""
+    eval_every: int = 300
+    """Updates between full-data MSE evaluations (logged; they step the LR schedule). The
+    reference checks ``step % 100 == 0`` only after each sample step of 3 updates, so it
+    evaluates (and steps the schedule) every 300 updates; 300 reproduces that."""
+    plateau_patience: int = 20
+    """ReduceLROnPlateau patience, counted in evaluations."""
+    plateau_factor: float = 0.5
+    """ReduceLROnPlateau factor."""
+    checkpoint_every: int = 3_000
+    """Updates between checkpoints (checkpoints fall on sample-step boundaries)."""
+    n_inner_iter: int = 10
+    """Inner GD steps / DCEM iterations during training."""
+    gd_lr: float = 0.1
+    """Step size of the unrolled gradient descent on ``y``."""
+    dcem_n_sample: int = 100
+    """DCEM samples per iteration."""
+    dcem_n_elite: int = 10
+    """DCEM (soft) elite set size."""
+    dcem_tau: float = 1.0
+    """DCEM temperature (the paper's tau: it divides the scores)."""
+    dcem_init_sigma: float = 7.0
+    """Standard deviation of DCEM's initial sampling distribution (mean 0)."""
+    dcem_normalize: bool = True
+    """Standardize the energies of each DCEM iteration before the soft top-k."""
+    ablation_steps: tuple[int, ...] = tuple(range(1, 21))
+    """Test-time inner step counts for the ablation (fig. 6 right, fig. 7)."""
+    eval_seed: int = 1234
+    """Seed of the fresh generator used for every DCEM evaluation (train MSE and ablation)."""
+    grid_size: int = 200
+    """Points per axis of the saved energy surface on ``[0, 2 pi] x [-y_max, y_max]``."""
+    y_max: float = 7.0
+    """Half-height of the energy-surface window (fig. 2)."""
+
+    def __post_init__(self) -> None:
+        _check_choices("methods", self.methods, METHODS)
+        _check_ints("seeds", self.seeds, low=0)
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        _check_ints("ablation_steps", self.ablation_steps, low=1)
+        for name in ("n_updates", "n_inner_update", "n_points", "n_hidden", "eval_every"):
+            _check_ints(name, (getattr(self, name),), low=1)
+        for name in ("checkpoint_every", "n_inner_iter", "dcem_n_sample", "grid_size"):
+            _check_ints(name, (getattr(self, name),), low=1)
+        _check_ints("plateau_patience", (self.plateau_patience,), low=0)
+        _check_ints("eval_seed", (self.eval_seed,), low=0)
+        if not 1 <= self.dcem_n_elite < self.dcem_n_sample:
+            raise ValueError(
+                f"dcem_n_elite must be in [1, dcem_n_sample={self.dcem_n_sample}), "
+                f"got {self.dcem_n_elite}"
+            )
+        for name in ("lr", "clip_norm", "gd_lr", "dcem_tau", "dcem_init_sigma", "y_max"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not 0 < self.plateau_factor < 1:
+            raise ValueError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> RegressionConfig:
+        """A budget that exercises every step in seconds (not a reproduction)."""
+        preset: dict[str, Any] = dict(
+            seeds=(0, 1),
+            n_updates=300,
+            eval_every=50,
+            checkpoint_every=150,
+            ablation_steps=(1, 5, 10, 15, 20),
+            grid_size=60,
+        )
+        return cls(**{**preset, **overrides})
+
+    def to_json(self) -> dict[str, Any]:
+        """The config as JSON-compatible values (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _check_choices(name: str, values: Sequence[str], choices: Sequence[str]) -> None:
+    if not values or any(v not in choices for v in values) or len(set(values)) != len(values):
+        raise ValueError(f"{name} must be distinct values from {choices}, got {values!r}")
+
+
+def _check_ints(name: str, values: Sequence[int], low: int) -> None:
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in values)
+    if not values or not ok:
+        raise ValueError(f"{name} must be integers >= {low}, got {values!r}")
+
+
+# --------------------------------------------------------------------------- model
+
+
+class EnergyNet(nn.Module):
+    """``E_theta(x, y)``: an MLP on ``(x, y)`` with three Softplus hidden layers, scalar out.
+
+    The first layer is ``Linear(2, n_hidden)`` on ``cat(x, y)``, evaluated as
+    ``b + x w_x + y w_y`` so that :meth:`energy_fn` can compute the ``x`` part once per
+    prediction (the inner optimizers evaluate many ``y`` for the same ``x``).
+    """
+
+    def __init__(self, n_hidden: int = 128) -> None:
+        super().__init__()
+        self.inp = nn.Linear(2, n_hidden)
+        self.hidden = nn.ModuleList([nn.Linear(n_hidden, n_hidden) for _ in range(2)])
+        self.out = nn.Linear(n_hidden, 1)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """x, y: (..., 1), broadcastable -> energies (...)."""
+        return self._head(self._first(torch.addcmul(self.inp.bias, x, self.inp.weight[:, 0]), y))
+
+    def energy_fn(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """``y -> E(x, y)`` for fixed x: (B, 1); y: (B, 1) -> (B,) or (B, N, 1) -> (B, N)."""
+        x_part = torch.addcmul(self.inp.bias, x, self.inp.weight[:, 0])  # (B, n_hidden)
+
+        def energy(y: Tensor) -> Tensor:
+            return self._head(self._first(x_part if y.dim() == 2 else x_part.unsqueeze(1), y))
+
+        return energy
+
+    def _first(self, x_part: Tensor, y: Tensor) -> Tensor:
+        return F.softplus(torch.addcmul(x_part, y, self.inp.weight[:, 1]))
+
+    def _head(self, h: Tensor) -> Tensor:
+        for layer in self.hidden:
+            h = F.softplus(F.linear(h, layer.weight, layer.bias))
+        return F.linear(h, self.out.weight, self.out.bias).squeeze(-1)
+
+
+def predict(
+    model: EnergyNet,
+    x: Tensor,
+    method: str,
+    cfg: RegressionConfig,
+    n_iter: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``argmin_y E(x, y)`` by the inner optimizer ``method`` with ``n_iter`` steps.
+
+    x: (B, 1) -> y_hat: (B, 1), differentiable w.r.t. the model's parameters.
+    """
+    energy = model.energy_fn(x)
+    if method == "gd":
+        return dcem.unroll_gd(energy, torch.zeros_like(x), n_iter=n_iter, lr=cfg.gd_lr)
+    if method == "dcem":
+        return dcem.dcem(
+            energy,
+            torch.zeros_like(x),
+            cfg.dcem_init_sigma,
+            n_sample=cfg.dcem_n_sample,
+            n_elite=cfg.dcem_n_elite,
+            n_iter=n_iter,
+            tau=cfg.dcem_tau,
+            normalize=cfg.dcem_normalize,
+            generator=generator,
+        )
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def _dataset(cfg: RegressionConfig) -> tuple[Tensor, Tensor]:
+    """x, y*: (n_points, 1) each."""
+    x = torch.linspace(0.0, 2.0 * math.pi, cfg.n_points).unsqueeze(1)
+    return x, x * torch.sin(x)
+
+
+def _predict_eval(
+    model: EnergyNet, x: Tensor, method: str, cfg: RegressionConfig, n_iter: int
+) -> Tensor:
+    """Predictions without a parameter graph; DCEM draws its noise from a fresh ``eval_seed``
+    generator, so an evaluation depends on the model only."""
+    with torch.no_grad():  # unroll_gd still differentiates E w.r.t. y, without create_graph
+        return predict(model, x, method, cfg, n_iter, torch.Generator().manual_seed(cfg.eval_seed))
+
+
+# --------------------------------------------------------------------------- one training job
+
+
+@dataclass
+class _Job:
+    """The mutable training state of one (method, seed) job."""
+
+    method: str
+    seed: int
+    model: EnergyNet
+    opt: torch.optim.Adam
+    sched: torch.optim.lr_scheduler.ReduceLROnPlateau
+    index_gen: torch.Generator
+    sample_gen: torch.Generator
+    update: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return job_key(self.method, self.seed)
+
+
+def job_key(method: str, seed: int) -> str:
+    """The file stem of a job: ``{method}-{seed}``."""
+    return f"{method}-{seed}"
+
+
+def _new_job(cfg: RegressionConfig, method: str, seed: int) -> _Job:
+    common.seed_everything(seed)
+    model = EnergyNet(cfg.n_hidden)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", patience=cfg.plateau_patience, factor=cfg.plateau_factor
+    )
+    index_seed, sample_seed = np.random.SeedSequence(seed).generate_state(2)
+    index_gen = torch.Generator().manual_seed(int(index_seed))
+    sample_gen = torch.Generator().manual_seed(int(sample_seed))
+    return _Job(method, seed, model, opt, sched, index_gen, sample_gen)
+
+
+def _job_state(job: _Job) -> dict[str, Any]:
+    return {
+        "version": CKPT_VERSION,
+        "method": job.method,
+        "seed": job.seed,
+        "update": job.update,
+        "seconds": job.seconds,
+        "model": job.model.state_dict(),
+        "optimizer": job.opt.state_dict(),
+        "scheduler": job.sched.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "index": job.index_gen.get_state(),
+            "sample": job.sample_gen.get_state(),
+        },
+    }
+
+
+def _restore(job: _Job, state: dict[str, Any], path: Path) -> None:
+    if (state.get("version"), state.get("method"), state.get("seed")) != (
+        CKPT_VERSION,
+        job.method,
+        job.seed,
+    ):
+        raise common.CheckpointError(f"checkpoint {path} does not belong to job {job.key}")
+    job.model.load_state_dict(state["model"])
+    job.opt.load_state_dict(state["optimizer"])
+    job.sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    job.index_gen.set_state(state["rng"]["index"])
+    job.sample_gen.set_state(state["rng"]["sample"])
+    job.update, job.seconds = int(state["update"]), float(state["seconds"])
+    job.resumed_from = job.update
+
+
+def _evaluate(job: _Job, data: tuple[Tensor, Tensor], cfg: RegressionConfig) -> None:
+    """Full-data MSE with the training step count: log it and step the LR schedule."""
+    x, y = data
+    mse = F.mse_loss(_predict_eval(job.model, x, job.method, cfg, cfg.n_inner_iter), y).item()
+    lr = job.opt.param_groups[0]["lr"]  # the rate that produced this model
+    job.sched.step(mse)
+    job.rows.append({"update": job.update, "train_mse": repr(mse), "lr": repr(lr)})
+
+
+def _sample_step(job: _Job, data: tuple[Tensor, Tensor], cfg: RegressionConfig) -> None:
+    """Draw one training point and make up to ``n_inner_update`` updates on it."""
+    x, y = data
+    j = int(torch.randint(cfg.n_points, (), generator=job.index_gen))
+    x_j, y_j = x[j : j + 1], y[j : j + 1]
+    params = list(job.model.parameters())
+    for _ in range(min(cfg.n_inner_update, cfg.n_updates - job.update)):
+        y_hat = predict(job.model, x_j, job.method, cfg, cfg.n_inner_iter, job.sample_gen)
+        loss = F.mse_loss(y_hat, y_j)
+        job.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+        job.opt.step()
+        job.update += 1
+        if job.update % cfg.eval_every == 0:
+            _evaluate(job, data, cfg)
+
+
+def _checkpoint(job: _Job, out: Path) -> None:
+    """Append the metric rows since the last checkpoint, then save the state atomically."""
+    common.append_csv(out / "jobs" / f"{job.key}.csv", METRIC_FIELDS, job.rows)
+    job.rows.clear()
+    common.save_checkpoint(out / "ckpt" / f"{job.key}.pt", _job_state(job))
+
+
+def _resume_or_start(cfg: RegressionConfig, out: Path, method: str, seed: int) -> _Job:
+    """A fresh job, or the job restored from its checkpoint with its metrics truncated to it."""
+    job = _new_job(cfg, method, seed)
+    ckpt, metrics = out / "ckpt" / f"{job.key}.pt", out / "jobs" / f"{job.key}.csv"
+    if ckpt.exists():
+        _restore(job, common.load_checkpoint(ckpt), ckpt)
+        common.truncate_csv(metrics, METRIC_FIELDS, lambda row: int(row["update"]) <= job.update)
+    else:
+        metrics.unlink(missing_ok=True)  # rows of a run killed before its first checkpoint
+    return job
+
+
+def _train(job: _Job, cfg: RegressionConfig, out: Path, progress: Progress | None) -> None:
+    data = _dataset(cfg)
+    last_ckpt = reported = job.update
+    start = time.perf_counter()
+    while job.update < cfg.n_updates:
+        _sample_step(job, data, cfg)
+        if job.update - last_ckpt >= cfg.checkpoint_every or job.update == cfg.n_updates:
+            now = time.perf_counter()
+            job.seconds += now - start
+            start, last_ckpt = now, job.update
+            _checkpoint(job, out)
+        done = job.update == cfg.n_updates
+        if progress is not None and (job.update - reported >= cfg.eval_every or done):
+            progress(job.key, job.update)
+            reported = job.update
+
+
+def _final_outputs(job: _Job, cfg: RegressionConfig, out: Path) -> dict[str, Any]:
+    """Ablation, predictions and energy surface of the final model, saved as NPZ + JSON."""
+    x, y = _dataset(cfg)
+    steps = list(cfg.ablation_steps)
+    preds = torch.stack([_predict_eval(job.model, x, job.method, cfg, k) for k in steps])
+    mses = ((preds - y) ** 2).mean(dim=(1, 2))
+    final = F.mse_loss(_predict_eval(job.model, x, job.method, cfg, cfg.n_inner_iter), y)
+    grid_x = torch.linspace(0.0, 2.0 * math.pi, cfg.grid_size)
+    grid_y = torch.linspace(-cfg.y_max, cfg.y_max, cfg.grid_size)
+    gy, gx = torch.meshgrid(grid_y, grid_x, indexing="ij")
+    with torch.no_grad():
+        energy = job.model(gx.reshape(-1, 1), gy.reshape(-1, 1)).reshape(gy.shape)
+    with common.atomic_open(out / "jobs" / f"{job.key}.npz", "wb") as handle:
+        np.savez(
+            handle,
+            x=x.squeeze(1).numpy(),
+            y_target=y.squeeze(1).numpy(),
+            steps=np.asarray(steps),
+            predictions=preds.squeeze(2).numpy(),
+            grid_x=grid_x.numpy(),
+            grid_y=grid_y.numpy(),
+            energy=energy.numpy(),
+        )
+    return {
+        "method": job.method,
+        "seed": job.seed,
+        "updates": job.update,
+        "final_mse": _finite_or_none(final.item()),
+        "ablation": {str(k): _finite_or_none(m) for k, m in zip(steps, mses.tolist(), strict=True)},
+        "seconds": job.seconds,
+        "ms_per_update": 1e3 * job.seconds / max(job.update, 1),
+        "resumed_from": job.resumed_from,
+    }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def run_job(
+    cfg: RegressionConfig, out: Path, method: str, seed: int, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Train (or resume) one job to ``cfg.n_updates`` and write its results; returns them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        job = _resume_or_start(cfg, out, method, seed)
+        _train(job, cfg, out, progress)
+        result = _final_outputs(job, cfg, out)
+        common.atomic_write_json(out / "jobs" / f"{job.key}.json", result)
+        return result
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+def check_out_folder(out: Path, cfg: RegressionConfig) -> None:
+    """Raise :class:`RunFolderError` unless ``out`` is new, empty, or a run of ``cfg``."""
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{out} exists and is not a folder")
+    if not out.exists() or not [p for p in out.iterdir() if p.name != ".lock"]:
+        return
+    record_path = out / "config.json"
+    if not record_path.is_file():
+        raise RunFolderError(f"{out} is not empty and holds no config.json; choose another folder")
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunFolderError(f"{record_path} is unreadable ({err}); choose another folder") from err
+    if record.get("experiment") != EXPERIMENT:
+        raise RunFolderError(
+            f"{out} holds results of experiment {record.get('experiment')!r}, not {EXPERIMENT!r}"
+        )
+    old, new = record.get("config", {}), cfg.to_json()
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:3])
+        raise RunFolderError(f"{out} holds a regression run with a different config ({detail})")
+
+
+def _job_done(out: Path, method: str, seed: int) -> bool:
+    key = job_key(method, seed)
+    path = out / "jobs" / f"{key}.json"
+    if not (path.is_file() and (out / "jobs" / f"{key}.npz").is_file()):
+        return False
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["method"] == method
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _checkpointed_updates(out: Path, method: str, seed: int) -> int:
+    path = out / "ckpt" / f"{job_key(method, seed)}.pt"
+    return int(common.load_checkpoint(path)["update"]) if path.exists() else 0
+
+
+def run(
+    cfg: RegressionConfig, out: str | os.PathLike[str], workers: int = 2, progress: bool = True
+) -> dict[str, Any]:
+    """Run (or resume) every (method, seed) job of ``cfg`` in ``out``, summarize and plot.
+
+    ``workers``: parallel processes (1 runs the jobs in this process). ``progress``: show a
+    tqdm bar (only on a terminal). Returns the summary (also written to summary.json).
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    out = Path(out)
+    check_out_folder(out, cfg)
+    start = time.perf_counter()
+    with common.lock_folder(out):
+        record = common.run_record(EXPERIMENT, cfg.to_json())
+        if not (out / "config.json").exists():
+            common.atomic_write_json(out / "config.json", record)
+        pending = [(m, s) for m in cfg.methods for s in cfg.seeds if not _job_done(out, m, s)]
+        if pending:
+            _run_pending(cfg, out, pending, workers, progress)
+        summary = summarize(out, run_wall_seconds=time.perf_counter() - start)
+        plot(out)
+    return summary
+
+
+def _run_pending(
+    cfg: RegressionConfig,
+    out: Path,
+    pending: list[tuple[str, int]],
+    workers: int,
+    show: bool,
+) -> None:
+    from tqdm.auto import tqdm
+
+    done = {job_key(m, s): _checkpointed_updates(out, m, s) for m, s in pending}
+    total = cfg.n_updates * len(pending)
+    with tqdm(
+        total=total,
+        initial=sum(done.values()),
+        unit="upd",
+        disable=None if show else True,
+        desc=f"{EXPERIMENT} ({len(pending)} jobs)",
+        dynamic_ncols=True,
+    ) as bar:
+
+        def advance(key: str, updates: int) -> None:
+            bar.update(updates - done[key])
+            done[key] = updates
+
+        if workers == 1:
+            for method, seed in pending:
+                _log_result(run_job(cfg, out, method, seed, advance))
+        else:
+            _run_pool(cfg, out, pending, min(workers, len(pending)), advance)
+
+
+def _log_result(result: dict[str, Any]) -> None:
+    log.info(
+        "%s seed %d: final MSE %.3g after %d updates (%.2f ms/update)",
+        result["method"], result["seed"], result["final_mse"] or math.nan, result["updates"],
+        result["ms_per_update"],
+    )  # fmt: skip
+
+
+# Worker-process side of the pool: the progress queue and the parent's pid, set by _init_worker.
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(progress_queue: Any, parent_pid: int) -> None:
+    _WORKER.update(queue=progress_queue, parent=parent_pid)
+
+
+def _worker_progress(key: str, updates: int) -> None:
+    if os.getppid() != _WORKER["parent"]:  # the parent died (e.g. SIGKILL): stop, don't race
+        os._exit(1)
+    _WORKER["queue"].put((key, updates))
+
+
+def _worker_job(cfg: RegressionConfig, out: Path, method: str, seed: int) -> dict[str, Any]:
+    return run_job(cfg, out, method, seed, _worker_progress)
+
+
+def _run_pool(
+    cfg: RegressionConfig, out: Path, pending: list[tuple[str, int]], workers: int,
+    advance: Progress,
+) -> None:  # fmt: skip
+    ctx = mp.get_context("spawn")
+    progress_queue = ctx.Queue()
+    with cf.ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(progress_queue, os.getpid())
+    ) as pool:
+        futures = {pool.submit(_worker_job, cfg, out, m, s) for m, s in pending}
+        try:
+            while futures:
+                _drain(progress_queue, advance, timeout=0.2)
+                finished = {f for f in futures if f.done()}
+                for future in finished:
+                    _log_result(future.result())
+                futures -= finished
+            _drain(progress_queue, advance, timeout=0.0)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _drain(progress_queue: Any, advance: Progress, timeout: float) -> None:
+    try:
+        advance(*progress_queue.get(timeout=timeout) if timeout else progress_queue.get_nowait())
+        while True:
+            advance(*progress_queue.get_nowait())
+    except queue.Empty:
+        pass
+
+
+# --------------------------------------------------------------------------- results
+
+
+def summarize(out: str | os.PathLike[str], run_wall_seconds: float | None = None) -> dict[str, Any]:
+    """Aggregate the per-job results of ``out`` into metrics.csv and summary.json.
+
+    summary.json: ``final_mse`` / ``final_mse_ci95`` (mean / 95% CI half-width over seeds),
+    ``final_mse_per_seed``, ``ablation`` (step count -> mean MSE), ``ablation_ci95``,
+    ``ablation_per_seed``, ``updates``, ``ms_per_update`` (mean over seeds),
+    ``wall_seconds`` (per method: summed job seconds; ``total``: their sum) and
+    ``run_wall_seconds`` (elapsed time of the invocation that wrote the summary).
+    """
+    out = Path(out)
+    cfg = load_config(out)
+    results = {
+        (m, s): json.loads((out / "jobs" / f"{job_key(m, s)}.json").read_text(encoding="utf-8"))
+        for m in cfg.methods
+        for s in cfg.seeds
+    }
+    _write_metrics(out, cfg)
+    summary: dict[str, Any] = {
+        "experiment": EXPERIMENT,
+        "methods": list(cfg.methods),
+        "seeds": list(cfg.seeds),
+        "updates": cfg.n_updates,
+        "ablation_steps": list(cfg.ablation_steps),
+        "run_wall_seconds": run_wall_seconds,
+    }
+    for name in ("final_mse", "final_mse_ci95", "final_mse_per_seed", "ablation"):
+        summary[name] = {}
+    for name in ("ablation_ci95", "ablation_per_seed", "ms_per_update", "wall_seconds"):
+        summary[name] = {}
+    for method in cfg.methods:
+        _summarize_method(summary, method, [results[method, s] for s in cfg.seeds])
+    summary["wall_seconds"]["total"] = sum(summary["wall_seconds"][m] for m in cfg.methods)
+    common.atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _summarize_method(summary: dict[str, Any], method: str, results: list[dict]) -> None:
+    finals = np.array([_nan_if_none(r["final_mse"]) for r in results])
+    mean, half = common.mean_ci95(finals)
+    summary["final_mse"][method] = _finite_or_none(float(mean))
+    summary["final_mse_ci95"][method] = _finite_or_none(float(half))
+    summary["final_mse_per_seed"][method] = {str(r["seed"]): r["final_mse"] for r in results}
+    steps = list(results[0]["ablation"])
+    table = np.array([[_nan_if_none(r["ablation"][k]) for k in steps] for r in results])
+    mean, half = common.mean_ci95(table)
+    summary["ablation"][method] = {
+        k: _finite_or_none(float(v)) for k, v in zip(steps, mean, strict=True)
+    }
+    summary["ablation_ci95"][method] = {
+        k: _finite_or_none(float(v)) for k, v in zip(steps, half, strict=True)
+    }
+    summary["ablation_per_seed"][method] = {str(r["seed"]): r["ablation"] for r in results}
+    summary["ms_per_update"][method] = float(np.mean([r["ms_per_update"] for r in results]))
+    summary["wall_seconds"][method] = float(sum(r["seconds"] for r in results))
+
+
+def _nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def _write_metrics(out: Path, cfg: RegressionConfig) -> None:
+    fields = ["method", "seed", *METRIC_FIELDS]
+    with common.atomic_open(out / "metrics.csv", "w") as handle:
+        handle.write(",".join(fields) + "\n")
+        for method in cfg.methods:
+            for seed in cfg.seeds:
+                for row in common.read_csv(out / "jobs" / f"{job_key(method, seed)}.csv"):
+                    values = [method, str(seed), *(row[k] for k in METRIC_FIELDS)]
+                    handle.write(",".join(values) + "\n")
+
+
+def load_config(out: str | os.PathLike[str]) -> RegressionConfig:
+    """The config recorded in ``out/config.json``."""
+    record = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
+    if record.get("experiment") != EXPERIMENT:
+        raise RunFolderError(f"{out} holds experiment {record.get('experiment')!r}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in record["config"].items()}
+    return RegressionConfig(**values)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def plot(out: str | os.PathLike[str]) -> list[Path]:
+    """Draw the four figures of ``out`` from summary.json, metrics.csv and jobs/*.npz only."""
+    out = Path(out)
+    if not (out / "summary.json").is_file():
+        raise RunFolderError(f"{out} has no summary.json; run the experiment first")
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    methods = summary["methods"]
+    npz = {
+        m: dict(np.load(out / "jobs" / f"{job_key(m, summary['seeds'][0])}.npz")) for m in methods
+    }
+    paths = [
+        _save(_plot_convergence(common.read_csv(out / "metrics.csv"), methods), out, "convergence"),
+        _save(_plot_ablation(summary), out, "ablation"),
+        _save(_plot_predictions(npz), out, "predictions"),
+        _save(_plot_energy(npz), out, "energy_surfaces"),
+    ]
+    return paths
+
+
+def _figure(n_panels: int = 1, width: float = 5.0) -> Any:
+    from matplotlib.figure import Figure  # no pyplot: no global figure state
+
+    fig = Figure(figsize=(width * n_panels, 3.6), layout="constrained")
+    axes = fig.subplots(1, n_panels, sharey=n_panels > 1, squeeze=False)[0]
+    return fig, axes
+
+
+def _save(fig: Any, out: Path, name: str) -> Path:
+    path = out / f"{name}.png"
+    with common.atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=120)
+    return path
+
+
+def _band(ax: Any, x: np.ndarray, values: np.ndarray, method: str) -> None:
+    """Mean over seeds (rows of ``values``) with its 95% CI band."""
+    mean, half = common.mean_ci95(values)
+    ax.plot(x, mean, color=COLORS[method], lw=2, label=LABELS[method])
+    half = np.nan_to_num(half)
+    ax.fill_between(x, mean - half, mean + half, color=COLORS[method], alpha=0.2, lw=0)
+
+
+def _plot_convergence(rows: list[dict[str, str]], methods: list[str]) -> Any:
+    fig, (ax,) = _figure()
+    for method in methods:
+        curves: dict[str, dict[int, float]] = {}
+        for row in rows:
+            if row["method"] == method:
+                curves.setdefault(row["seed"], {})[int(row["update"])] = float(row["train_mse"])
+        updates = sorted(set.intersection(*(set(c) for c in curves.values())))
+        values = np.array([[c[u] for u in updates] for c in curves.values()])
+        _band(ax, np.array(updates), values, method)
+    ax.set(yscale="log", xlabel="Number of updates", title="Train MSE")
+    ax.legend()
+    return fig
+
+
+def _plot_ablation(summary: dict[str, Any]) -> Any:
+    fig, (ax,) = _figure()
+    for method in summary["methods"]:
+        per_seed = summary["ablation_per_seed"][method]
+        steps = [int(k) for k in next(iter(per_seed.values()))]
+        values = np.array([[_nan_if_none(v) for v in r.values()] for r in per_seed.values()])
+        _band(ax, np.array(steps), values, method)
+    ax.set(yscale="log", xlabel="Number of inner loop iterations at test time", title="MSE")
+    ax.set_xticks(summary["ablation_steps"])
+    ax.legend()
+    return fig
+
+
+def _plot_predictions(npz: dict[str, dict[str, np.ndarray]]) -> Any:
+    from matplotlib import cm, colors
+
+    fig, axes = _figure(len(npz))
+    steps = next(iter(npz.values()))["steps"]
+    norm = colors.Normalize(vmin=steps.min(), vmax=steps.max())
+    for ax, (method, data) in zip(axes, npz.items(), strict=True):
+        for k, pred in zip(data["steps"], data["predictions"], strict=True):
+            ax.plot(data["x"], pred, color=cm.coolwarm(norm(k)), lw=1.2)
+        ax.plot(data["x"], data["y_target"], color="k", lw=2)
+        ax.set(title=LABELS[method], xlabel="x", ylim=(-7.5, 3.5))
+    axes[0].set_ylabel("y")
+    fig.colorbar(cm.ScalarMappable(norm, "coolwarm"), ax=list(axes), label="test-time inner steps")
+    return fig
+
+
+def _normalized_log_energy(energy: np.ndarray) -> np.ndarray:
+    """Per-x min-max normalization of E over y, then log, clipped to [-10, 0] (fig. 2)."""
+    low, high = energy.min(axis=0, keepdims=True), energy.max(axis=0, keepdims=True)
+    scaled = np.minimum((energy - low) / np.maximum(high - low, 1e-12), 1.0)
+    return np.clip(np.log(scaled + 1e-6), -10.0, 0.0)
+
+
+def _plot_energy(npz: dict[str, dict[str, np.ndarray]]) -> Any:
+    fig, axes = _figure(len(npz))
+    for ax, (method, data) in zip(axes, npz.items(), strict=True):
+        z = _normalized_log_energy(data["energy"])
+        filled = ax.contourf(data["grid_x"], data["grid_y"], z, levels=10, cmap="Blues")
+        ax.plot(data["x"], data["y_target"], color="k", lw=2)
+        ax.set(title=LABELS[method], xlabel="x")
+    axes[0].set_ylabel("y")
+    fig.colorbar(filled, ax=list(axes), label="log normalized energy")
+    return fig

@@ -1,0 +1,222 @@
+"""Run-folder helpers: atomic writes, checkpoints, seeds, CSV, folder lock, Student-t CI."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from dcem.experiments import common
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_open_failure_keeps_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "summary.json"
+    target.write_text("old contents\n")
+    with pytest.raises(RuntimeError, match="boom"):
+        with common.atomic_open(target, "w") as handle:
+            handle.write("half of the new cont")
+            raise RuntimeError("boom")
+    assert target.read_text() == "old contents\n"
+    assert _listing(tmp_path) == ["summary.json"]
+
+
+def test_atomic_open_failure_on_new_file_creates_nothing(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        with common.atomic_open(tmp_path / "new.bin") as handle:
+            handle.write(b"\x00" * 1000)
+            raise KeyboardInterrupt
+    assert _listing(tmp_path) == []
+
+
+def test_atomic_write_json_replaces_and_rejects_nan_before_touching_the_file(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "a.json"
+    common.atomic_write_json(target, {"x": [1, 2.5]})
+    assert json.loads(target.read_text()) == {"x": [1, 2.5]}
+    common.atomic_write_json(target, {"x": 3})
+    assert json.loads(target.read_text()) == {"x": 3}
+    with pytest.raises(ValueError):
+        common.atomic_write_json(target, {"x": math.nan})
+    assert json.loads(target.read_text()) == {"x": 3}
+    assert _listing(tmp_path) == ["a.json"]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _state() -> dict:
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    gen = torch.Generator().manual_seed(7)
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "gen": gen.get_state(),
+            "update": 42, "name": "gd", "lrs": [0.1, math.inf]}  # fmt: skip
+
+
+def test_checkpoint_roundtrip_restores_tensors_generator_and_values(tmp_path: Path) -> None:
+    state = _state()
+    path = tmp_path / "ckpt" / "gd-0.pt"
+    common.save_checkpoint(path, state)
+    loaded = common.load_checkpoint(path)
+    assert loaded["update"] == 42 and loaded["name"] == "gd" and loaded["lrs"] == [0.1, math.inf]
+    for key, value in state["model"].items():
+        assert torch.equal(loaded["model"][key], value)
+    restored = torch.Generator()
+    restored.set_state(loaded["gen"])
+    expected = torch.Generator().manual_seed(7)
+    assert torch.equal(torch.randn(5, generator=restored), torch.randn(5, generator=expected))
+    assert _listing(path.parent) == ["gd-0.pt"]
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.99])
+def test_truncated_checkpoint_is_detected(tmp_path: Path, cut: float) -> None:
+    path = tmp_path / "c.pt"
+    common.save_checkpoint(path, _state())
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(common.CheckpointError, match="corrupted or truncated") as err:
+        common.load_checkpoint(path)
+    assert str(path) in str(err.value)
+
+
+def test_bit_flip_in_tensor_data_is_detected(tmp_path: Path) -> None:
+    # torch.load alone accepts this file and returns wrong weights; the digest must catch it.
+    path = tmp_path / "c.pt"
+    common.save_checkpoint(path, {"w": torch.arange(4096, dtype=torch.float32)})
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(common.CheckpointError, match="SHA-256 mismatch"):
+        common.load_checkpoint(path)
+
+
+def test_foreign_file_is_rejected_with_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(3)}, path)
+    with pytest.raises(common.CheckpointError, match="no valid header"):
+        common.load_checkpoint(path)
+
+
+def test_checkpoint_never_unpickles_arbitrary_objects(tmp_path: Path) -> None:
+    path = tmp_path / "c.pt"
+    common.save_checkpoint(path, {"obj": _Opaque()})  # a correct digest over a pickled object
+    with pytest.raises(common.CheckpointError, match="could not be loaded"):
+        common.load_checkpoint(path)
+
+
+class _Opaque:
+    pass
+
+
+# --------------------------------------------------------------------------- seeds, records, CSV
+
+
+def test_seed_everything_makes_all_three_rngs_reproducible() -> None:
+    import random
+
+    common.seed_everything(3)
+    first = (random.random(), np.random.rand(), torch.rand(2))  # noqa: NPY002
+    common.seed_everything(3)
+    second = (random.random(), np.random.rand(), torch.rand(2))  # noqa: NPY002
+    assert first[0] == second[0] and first[1] == second[1]
+    assert torch.equal(first[2], second[2])
+    with pytest.raises(ValueError, match="seed"):
+        common.seed_everything(-1)
+
+
+def test_git_commit_of_this_checkout_and_outside_git(tmp_path: Path) -> None:
+    commit = common.git_commit()
+    if commit is None:
+        pytest.skip("the package is not inside a git checkout")
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", commit)
+    assert common.git_commit(tmp_path) is None
+
+
+def test_run_record_names_experiment_config_and_code_version() -> None:
+    record = common.run_record("regression", {"seeds": [0, 1]})
+    assert record["experiment"] == "regression" and record["config"] == {"seeds": [0, 1]}
+    assert {"git_commit", "torch", "python", "numpy"} <= record.keys()
+
+
+def test_csv_append_read_and_truncate(tmp_path: Path) -> None:
+    path = tmp_path / "jobs" / "m.csv"
+    fields = ["update", "loss"]
+    common.append_csv(path, fields, [{"update": 1, "loss": 0.5}, {"update": 2, "loss": 0.25}])
+    common.append_csv(path, fields, [{"update": 3, "loss": 0.125}])
+    assert path.read_text().count("update,loss") == 1
+    with open(path, "a") as handle:  # a row cut off by a crash
+        handle.write("4,0.06")
+    rows = common.read_csv(path)
+    assert [r["update"] for r in rows] == ["1", "2", "3"]
+    kept = common.truncate_csv(path, fields, lambda r: int(r["update"]) <= 2)
+    assert kept == 2
+    assert path.read_bytes() == b"update,loss\n1,0.5\n2,0.25\n"
+
+
+def test_folder_lock_is_exclusive_and_released(tmp_path: Path) -> None:
+    with common.lock_folder(tmp_path):
+        with pytest.raises(common.FolderLockedError, match="in use"):
+            with common.lock_folder(tmp_path):
+                pass
+    with common.lock_folder(tmp_path):  # released after the first context
+        pass
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize("df", [*range(1, 41), 57, 100, 333, 1000])
+def test_t_quantile_matches_scipy(df: int) -> None:
+    for p in (0.9, 0.975, 0.995):
+        assert common.t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-10)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 12])
+def test_mean_ci95_matches_scipy_t_interval(n: int) -> None:
+    values = np.random.default_rng(n).lognormal(size=(n, 4))
+    mean, half = common.mean_ci95(values, axis=0)
+    for j in range(4):
+        column = values[:, j]
+        low, high = stats.t.interval(0.95, n - 1, loc=column.mean(), scale=stats.sem(column))
+        assert mean[j] == pytest.approx(column.mean(), rel=1e-12)
+        assert mean[j] - half[j] == pytest.approx(low, rel=1e-9)
+        assert mean[j] + half[j] == pytest.approx(high, rel=1e-9)
+
+
+def test_mean_ci95_other_axis_single_value_and_bad_input() -> None:
+    values = np.array([[1.0, 2.0, 6.0], [3.0, 3.0, 3.0]])
+    mean, half = common.mean_ci95(values, axis=1)
+    assert np.allclose(mean, [3.0, 3.0]) and half[1] == 0.0 and half[0] > 0
+    mean, half = common.mean_ci95([[5.0, 6.0]])
+    assert np.allclose(mean, [5.0, 6.0]) and np.isnan(half).all()
+    with pytest.raises(ValueError, match="non-empty"):
+        common.mean_ci95(np.zeros((0, 3)))
+    with pytest.raises(ValueError, match="df"):
+        common.t_quantile(0.975, 0)
+
+
+def test_checkpoint_bytes_are_torch_save_payload_after_header(tmp_path: Path) -> None:
+    # The payload is an ordinary torch.save archive: tools can strip the header and load it.
+    path = tmp_path / "c.pt"
+    common.save_checkpoint(path, {"w": torch.ones(2)})
+    data = path.read_bytes()
+    header, digest, payload = data.split(b"\n", 2)
+    assert header == b"DCEMCKPT1" and len(digest) == 64
+    loaded = torch.load(io.BytesIO(payload), weights_only=True)
+    assert torch.equal(loaded["w"], torch.ones(2))
