@@ -97,12 +97,12 @@ def bench_device(c: Config, device: torch.device, dtype: torch.dtype) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     sizes = (c.deter_size, c.stoch_size, c.stoch_size, c.stoch_size)
     state = State(*(torch.randn(1, n, device=device, dtype=dtype, generator=g) for n in sizes))
-    kwargs = dict(horizon=c.horizon, n_iter=c.n_iter, n_sample=c.n_sample, n_elite=c.n_elite)
     start = State(*(x.expand(c.n_sample, -1) for x in state))
     actions = torch.randn(c.horizon, c.n_sample, c.action_size, device=device, dtype=dtype)
 
     def decide() -> None:
-        plan(model, state, generator=g, **kwargs)
+        plan(model, state, horizon=c.horizon, n_iter=c.n_iter, n_sample=c.n_sample,
+             n_elite=c.n_elite, generator=g)  # fmt: skip
 
     @torch.no_grad()
     def plain() -> None:  # the rollouts of one decision with the per-layer loop
@@ -110,7 +110,8 @@ def bench_device(c: Config, device: torch.device, dtype: torch.dtype) -> dict:
             model.imagine(start, actions, generator=g).sum(0)
 
     gemm = gemm_flops_per_s(c, device, dtype)
-    decide(), plain()  # warm-up
+    decide()  # warm-up
+    plain()
     runs = [(_timed(decide, device), _timed(plain, device), gemm()) for _ in range(c.repeats)]
     times, plain_times, flops = (list(x) for x in zip(*runs, strict=True))
     macs = macs_per_transition(c) * c.n_sample * c.horizon * c.n_iter

@@ -258,9 +258,11 @@ def test_replay_errors():
 
 
 # --------------------------------------------------------------------------- planner
-def peaked_model(target: list[float]) -> RSSM:
-    """A model whose predicted reward at each step is -Σ_j |tanh(0.1 a_j) - tanh(0.1 c_j)|
-    for the action a just taken, so the best plan is a = c at every step."""
+def peaked_model(target: list[float], coupling: list[float] | None = None) -> RSSM:
+    """A model whose predicted reward at each step is -Σ_j |tanh(0.1 (a_j + k_j s)) -
+    tanh(0.1 c_j)| for the action a just taken and the previous stochastic state s (scalar),
+    so the best plan is a = c - k s. The prior is N(0, 0.79²): with its mean, s = 0 after the
+    first step, and the best first action depends on the start state through k."""
     a = len(target)
     model = RSSM(3, a, deter_size=a, stoch_size=1, hidden_size=2 * a, n_layers=2)
     c = torch.tanh(0.1 * torch.tensor(target))
@@ -270,6 +272,8 @@ def peaked_model(target: list[float]) -> RSSM:
             p.zero_()
         model.input[0].weight[:a, 1:] = eye  # x = relu(a + 2) = a + 2
         model.input[0].bias[:a] = 2.0
+        if coupling is not None:
+            model.input[0].weight[:a, 0] = torch.tensor(coupling)
         model.input[2].weight[:a, :a] = eye
         model.gru.bias_ih[a : 2 * a] = -30.0  # update gate z = 0: h = n
         model.gru.weight_ih[2 * a :, :a] = 0.1 * eye  # n = tanh(0.1 (x - 2)) = tanh(0.1 a)
@@ -306,6 +310,26 @@ def test_planner_finds_the_known_optimum():
     assert first.shape == (2, 2) and actions.shape == (2, 4, 2)
     torch.testing.assert_close(first, torch.tensor([[0.5, -0.3]] * 2), atol=0.05, rtol=0.0)
     torch.testing.assert_close(actions, torch.tensor([0.5, -0.3]).expand(2, 4, 2), atol=0.1, rtol=0)
+
+
+def test_planner_keeps_start_states_apart():
+    model = peaked_model([0.5, -0.3], coupling=[1.0, 0.0])
+    state = model.initial_state((2,))
+    state = state._replace(stoch=torch.tensor([[0.2], [-0.2]]))
+    first, actions = plan(
+        model,
+        state,
+        horizon=3,
+        n_sample=300,
+        n_elite=30,
+        sample=False,
+        generator=torch.Generator().manual_seed(0),
+        return_plan=True,
+    )
+    expected = torch.tensor([[0.3, -0.3], [0.7, -0.3]])
+    torch.testing.assert_close(first, expected, atol=0.05, rtol=0.0)
+    torch.testing.assert_close(actions[:, 1:], torch.tensor([0.5, -0.3]).expand(2, 2, 2),
+                               atol=0.1, rtol=0.0)  # fmt: skip
 
 
 def test_planner_respects_bounds():

@@ -54,6 +54,12 @@ def test_env_matches_raw_suite_with_action_repeat():
         env.step(np.zeros(2))
 
 
+def test_seeding():
+    first = [make_env("cheetah-run", seed=s).reset() for s in (1, 1, 2)]
+    assert first[0].shape == (17,)
+    assert np.array_equal(first[0], first[1]) and not np.array_equal(first[0], first[2])
+
+
 def test_episode_ends_after_1000_environment_steps():
     env = make_env("cartpole-swingup", seed=0)
     assert env.max_agent_steps == 125

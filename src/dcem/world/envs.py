@@ -143,6 +143,10 @@ class DMCEnv:
                 break
         return flatten_observation(time_step.observation, self.obs_keys), reward, done
 
+    def close(self) -> None:
+        """Release the simulator (and any rendering context)."""
+        self._env.close()
+
     def render(self, *, height: int = 64, width: int = 64, camera_id: int = 0) -> np.ndarray:
         """Offscreen RGB frame ``(height, width, 3)`` uint8 of the current state.
 

@@ -133,6 +133,7 @@ class RSSM(nn.Module):
         self.deter_size, self.stoch_size = deter_size, stoch_size
         self.min_std = float(min_std)
         feat = deter_size + stoch_size
+        self._input_size = stoch_size + action_size
         self.encoder = mlp(obs_size, hidden_size, n_layers)
         self.input = mlp(stoch_size + action_size, hidden_size, n_layers)
         self.gru = nn.GRUCell(hidden_size, deter_size)
@@ -180,7 +181,7 @@ class RSSM(nn.Module):
         """
         self._check_last("action", action, self.action_size)
         batch = action.shape[:-1]
-        x = self.input(torch.cat([state.stoch, action], -1).reshape(-1, self.input[0].in_features))
+        x = self.input(torch.cat([state.stoch, action], -1).reshape(-1, self._input_size))
         deter = self.gru(x, state.deter.reshape(-1, self.deter_size)).reshape(*batch, -1)
         stoch, mean, std = self._gaussian(self.prior(deter), noise, generator)
         return State(deter, stoch, mean, std)
