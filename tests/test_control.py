@@ -92,6 +92,18 @@ def test_step_keeps_unit_circle_and_follows_dtype():
         torch.testing.assert_close(nxt[:, 2] ** 2 + nxt[:, 3] ** 2, torch.ones(8, dtype=dtype))
 
 
+def test_device_and_dtype_follow_the_inputs():
+    # The meta device runs shapes/devices/dtypes only: any tensor hard-coded on the CPU fails.
+    state = torch.zeros(3, 5, device="meta", dtype=F64)
+    assert step(state, torch.zeros(3, 1, device="meta", dtype=F64)).device.type == "meta"
+    cost = rollout_cost(state, torch.zeros(3, 4, 6, device="meta", dtype=F64))
+    assert cost.device.type == "meta" and cost.dtype == F64 and cost.shape == (3, 4)
+    traj = rollout(state.float(), torch.zeros(3, 6, device="meta"))
+    assert traj.device.type == "meta" and traj.dtype == torch.float32
+    assert sample_initial_states(2, device="meta").device.type == "meta"
+    assert validation_states(device="meta", dtype=F64).dtype == F64
+
+
 def test_step_broadcasts_one_state_over_many_controls():
     state = random_states(1, seed=4)
     u = torch.linspace(-50, 50, 7, dtype=F64)[:, None]
