@@ -22,7 +22,7 @@ from torch import Tensor
 
 from dcem.control.cartpole import STATE_DIM, U_LB, U_UB, reward, rollout_cost, step
 from dcem.control.decoder import ActionDecoder
-from dcem.optim import cem, dcem
+from dcem.optim import Backward, cem, dcem
 
 DEFAULT_HORIZON = 20
 """Planning horizon H of the embedding experiment."""
@@ -56,7 +56,7 @@ class SolverConfig:
     """Standardize the costs per problem inside the optimizer."""
     return_best: bool = False
     """Return the best sample instead of the last mean; ``"cem"`` only."""
-    backward: str = "full"
+    backward: Backward = "full"
     """Backward mode passed to ``dcem.dcem``; ``"dcem"`` only."""
 
 
@@ -131,7 +131,25 @@ def _optimize(
     generator: torch.Generator | None,
 ) -> Tensor:
     """Run ``dcem.cem`` or ``dcem.dcem`` on ``f: (B, N, d) -> (B, N)`` from ``init_mu (B, d)``."""
-    common = dict(
+    if solver.method == "dcem":
+        return dcem(
+            f,
+            init_mu,
+            init_sigma,
+            n_sample=solver.n_sample,
+            n_elite=solver.n_elite,
+            n_iter=solver.n_iter,
+            tau=solver.tau,
+            lb=lb,
+            ub=ub,
+            normalize=solver.normalize,
+            generator=generator,
+            backward=solver.backward,
+        )
+    return cem(
+        f,
+        init_mu,
+        init_sigma,
         n_sample=solver.n_sample,
         n_elite=solver.n_elite,
         n_iter=solver.n_iter,
@@ -139,10 +157,8 @@ def _optimize(
         ub=ub,
         normalize=solver.normalize,
         generator=generator,
+        return_best=solver.return_best,
     )
-    if solver.method == "dcem":
-        return dcem(f, init_mu, init_sigma, tau=solver.tau, backward=solver.backward, **common)
-    return cem(f, init_mu, init_sigma, return_best=solver.return_best, **common)
 
 
 def solve_horizon(
