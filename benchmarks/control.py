@@ -23,7 +23,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,30 +31,57 @@ import torch
 from dcem.control import ActionDecoder, rollout_cost, validation_states
 from dcem.control.mpc import EXPERT_CEM, LATENT_DCEM, SolverConfig, solve_horizon
 
-FULL = {
-    "horizon": 20,
-    "rollouts": [(1, 1000), (100, 100)],
-    "loop_subset": 100,
-    "latent_dim": 2,
-    "hidden": 256,
-    "latent_solver": LATENT_DCEM,
-    "expert_solver": EXPERT_CEM,
-    "n_states": 100,
-    "expert_loop_subset": 10,
-    "repeats": 10,
-}
-TINY = {
-    "horizon": 5,
-    "rollouts": [(1, 16), (4, 8)],
-    "loop_subset": 4,
-    "latent_dim": 2,
-    "hidden": 16,
-    "latent_solver": replace(LATENT_DCEM, n_sample=16, n_elite=4, n_iter=2),
-    "expert_solver": replace(EXPERT_CEM, n_sample=32, n_elite=4, n_iter=2),
-    "n_states": 4,
-    "expert_loop_subset": 2,
-    "repeats": 2,
-}
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Sizes of one benchmark run."""
+
+    horizon: int
+    """Planning horizon H."""
+    rollouts: tuple[tuple[int, int], ...]
+    """(B initial states, N samples) of each rollout benchmark."""
+    loop_subset: int
+    """Sequences timed in the Python-loop rollout baseline."""
+    latent_dim: int
+    """Latent dimension of the decoder."""
+    hidden: int
+    """Hidden width of the decoder."""
+    latent_solver: SolverConfig
+    """Optimizer of the latent-DCEM update."""
+    expert_solver: SolverConfig
+    """Optimizer of the expert solve."""
+    n_states: int
+    """Validation states of the expert solve."""
+    expert_loop_subset: int
+    """States timed in the one-state-at-a-time expert baseline."""
+    repeats: int
+    """Timed repeats (median)."""
+
+
+FULL = BenchConfig(
+    horizon=20,
+    rollouts=((1, 1000), (100, 100)),
+    loop_subset=100,
+    latent_dim=2,
+    hidden=256,
+    latent_solver=LATENT_DCEM,
+    expert_solver=EXPERT_CEM,
+    n_states=100,
+    expert_loop_subset=10,
+    repeats=10,
+)
+TINY = BenchConfig(
+    horizon=5,
+    rollouts=((1, 16), (4, 8)),
+    loop_subset=4,
+    latent_dim=2,
+    hidden=16,
+    latent_solver=replace(LATENT_DCEM, n_sample=16, n_elite=4, n_iter=2),
+    expert_solver=replace(EXPERT_CEM, n_sample=32, n_elite=4, n_iter=2),
+    n_states=4,
+    expert_loop_subset=2,
+    repeats=2,
+)
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -80,34 +107,34 @@ def row(name: str, seconds: float, baseline: str, baseline_seconds: float, **ext
     }
 
 
-def bench_rollout(batch: int, n: int, cfg: dict) -> dict:
+def bench_rollout(batch: int, n: int, cfg: BenchConfig) -> dict:
     gen = torch.Generator().manual_seed(0)
     x_init = validation_states(n=batch)
-    u = torch.rand(batch, n, cfg["horizon"], generator=gen) * 200 - 100
+    u = torch.rand(batch, n, cfg.horizon, generator=gen) * 200 - 100
     with torch.no_grad():
-        batched = median_time(lambda: rollout_cost(x_init, u), cfg["repeats"])
-        pairs = [(b, i) for b in range(batch) for i in range(n)][: cfg["loop_subset"]]
+        batched = median_time(lambda: rollout_cost(x_init, u), cfg.repeats)
+        pairs = [(b, i) for b in range(batch) for i in range(n)][: cfg.loop_subset]
 
         def loop() -> None:
             for b, i in pairs:
                 rollout_cost(x_init[b : b + 1], u[b : b + 1, i])
 
-        per_sequence = median_time(loop, max(1, cfg["repeats"] // 2)) / len(pairs)
+        per_sequence = median_time(loop, max(1, cfg.repeats // 2)) / len(pairs)
     return row(
-        f"rollout_B{batch}_N{n}_H{cfg['horizon']}",
+        f"rollout_B{batch}_N{n}_H{cfg.horizon}",
         batched,
         "python loop over the B*N sequences (scaled from a timed subset)",
         per_sequence * batch * n,
         batch=batch,
         n_sample=n,
-        horizon=cfg["horizon"],
+        horizon=cfg.horizon,
         loop_sequences_timed=len(pairs),
     )
 
 
-def bench_latent_update(cfg: dict) -> dict:
+def bench_latent_update(cfg: BenchConfig) -> dict:
     torch.manual_seed(0)
-    decoder = ActionDecoder(cfg["latent_dim"], horizon=cfg["horizon"], hidden=cfg["hidden"])
+    decoder = ActionDecoder(cfg.latent_dim, horizon=cfg.horizon, hidden=cfg.hidden)
     opt = torch.optim.Adam(decoder.parameters(), lr=5e-4)
     x_init = validation_states(n=1)
     gen = torch.Generator().manual_seed(0)
@@ -119,47 +146,45 @@ def bench_latent_update(cfg: dict) -> dict:
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
         opt.step()
 
-    solver = cfg["latent_solver"]
-    ours = median_time(lambda: update(solver), cfg["repeats"])
-    tau0 = median_time(lambda: update(replace(solver, method="cem")), cfg["repeats"])
+    solver = cfg.latent_solver
+    ours = median_time(lambda: update(solver), cfg.repeats)
+    tau0 = median_time(lambda: update(replace(solver, method="cem")), cfg.repeats)
     return row(
         "latent_dcem_update",
         ours,
         "tau=0 update: CEM in the latent space, backward through the decoder only",
         tau0,
-        latent_dim=cfg["latent_dim"],
-        hidden=cfg["hidden"],
+        latent_dim=cfg.latent_dim,
+        hidden=cfg.hidden,
         n_sample=solver.n_sample,
         n_elite=solver.n_elite,
         n_iter=solver.n_iter,
     )
 
 
-def bench_expert(cfg: dict) -> dict:
-    x_init = validation_states(n=cfg["n_states"])
-    solver = cfg["expert_solver"]
+def bench_expert(cfg: BenchConfig) -> dict:
+    x_init = validation_states(n=cfg.n_states)
+    solver = cfg.expert_solver
     gen = torch.Generator().manual_seed(0)
-    subset = cfg["expert_loop_subset"]
+    subset = cfg.expert_loop_subset
     with torch.no_grad():
         batched = median_time(
-            lambda: solve_horizon(x_init, horizon=cfg["horizon"], solver=solver, generator=gen),
-            max(1, cfg["repeats"] // 2),
+            lambda: solve_horizon(x_init, horizon=cfg.horizon, solver=solver, generator=gen),
+            max(1, cfg.repeats // 2),
         )
 
         def loop() -> None:
             for b in range(subset):
-                solve_horizon(
-                    x_init[b : b + 1], horizon=cfg["horizon"], solver=solver, generator=gen
-                )
+                solve_horizon(x_init[b : b + 1], horizon=cfg.horizon, solver=solver, generator=gen)
 
         per_state = median_time(loop, 1) / subset
-        cost = solve_horizon(x_init, horizon=cfg["horizon"], solver=solver, generator=gen).cost
+        cost = solve_horizon(x_init, horizon=cfg.horizon, solver=solver, generator=gen).cost
     return row(
         "expert_solve",
         batched,
         "one initial state at a time (scaled from a timed subset)",
-        per_state * cfg["n_states"],
-        n_states=cfg["n_states"],
+        per_state * cfg.n_states,
+        n_states=cfg.n_states,
         n_sample=solver.n_sample,
         n_elite=solver.n_elite,
         n_iter=solver.n_iter,
@@ -175,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cfg = TINY if args.tiny else FULL
-    rows = [bench_rollout(b, n, cfg) for b, n in cfg["rollouts"]]
+    rows = [bench_rollout(b, n, cfg) for b, n in cfg.rollouts]
     rows += [bench_latent_update(cfg), bench_expert(cfg)]
     result = {
         "benchmark": "control",

@@ -170,7 +170,7 @@ def test_full_space_default_sigma_is_half_the_range():
         (dict(init_mu=torch.zeros(2, 3)), "init_mu"),
         (dict(horizon=0), "horizon"),
         (dict(decoder=ActionDecoder(2, horizon=5, hidden=4), horizon=6), "horizon"),
-        (dict(solver=SolverConfig(method="sgd")), "method"),
+        (dict(solver=SolverConfig(method="sgd")), "method"),  # type: ignore[arg-type]
         (dict(solver=SolverConfig(method="dcem", return_best=True)), "return_best"),
     ],
 )
