@@ -1,4 +1,5 @@
-"""Tests of the dm_control wrapper dcem.world.envs against the raw control suite."""
+"""Tests of the dm_control wrapper dcem.world.envs against the raw control suite, and (slow)
+an RSSM trained on a real cartpole-swingup recording."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
-from dcem.world import TASKS, flatten_observation, make_env
+from dcem.world import RSSM, TASKS, ReplayBuffer, flatten_observation, make_env
 
 suite = pytest.importorskip("dm_control.suite", reason="dm_control is not installed")
 
@@ -95,3 +97,45 @@ def test_render_or_clear_error():
     if "unavailable" in out.stdout:
         pytest.skip("no EGL backend on this machine: render raised RenderUnavailableError")
     assert "(32, 48, 3) uint8" in out.stdout
+
+
+def _record(env, rng: np.random.Generator, buffer: ReplayBuffer, episodes: int) -> None:
+    for _ in range(episodes):
+        buffer.start_episode(env.reset())
+        done = False
+        while not done:
+            action = rng.uniform(env.action_low, env.action_high).astype(np.float32)
+            obs, reward, done = env.step(action)
+            buffer.add_step(action, reward, obs, done)
+
+
+@pytest.mark.slow
+def test_model_trained_on_real_cartpole_predicts_held_out_rewards():
+    """Record random cartpole-swingup episodes, train a small RSSM from the replay buffer for
+    400 updates, and predict the rewards of a held-out episode (filtered from its posterior)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        env, rng = make_env("cartpole-swingup", seed=0), np.random.default_rng(0)
+        train, held_out = ReplayBuffer(5, 1, seed=0), ReplayBuffer(5, 1)
+        _record(env, rng, train, episodes=5)
+        _record(env, rng, held_out, episodes=1)
+        torch.manual_seed(0)
+        model = RSSM(5, 1, deter_size=64, stoch_size=8, hidden_size=64)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(400):
+            batch = {k: torch.from_numpy(v) for k, v in train.sample(16, 30).items()}
+            terms = model.loss(batch["obs"], batch["action"], batch["reward"])
+            optimizer.zero_grad()
+            terms.total.backward()
+            optimizer.step()
+        rows = {k: torch.from_numpy(v)[:, None] for k, v in held_out.state_dict().items()
+                if k in ("obs", "action", "reward")}  # fmt: skip
+        with torch.no_grad():
+            post, _ = model.observe(rows["obs"], rows["action"])
+            predicted = model.predict_reward(post)[1:]
+        rewards = rows["reward"][1:]
+        constant = ((rewards - rewards.mean()) ** 2).mean()
+        assert ((predicted - rewards) ** 2).mean() < 0.8 * constant
+    finally:
+        torch.set_num_threads(threads)
