@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -161,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "benchmark": "planner",
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
         "config": {**asdict(config), "macs_per_transition": macs_per_transition(config)},
         "results": results,
     }
