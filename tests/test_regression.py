@@ -303,28 +303,35 @@ def _check_job_files(out: Path, summary: dict, cfg: RegressionConfig) -> None:
             assert not list((out / "ckpt").glob("*.tmp")) and not list(out.glob(".*.tmp"))
 
 
+def _start_and_kill_after(command: list[str], checkpoint: Path) -> int:
+    """Start ``command``, SIGKILL it as soon as ``checkpoint`` exists; its update count."""
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env()
+    )
+    deadline = time.monotonic() + 90
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
+    return int(common.load_checkpoint(checkpoint)["update"])
+
+
 def test_killed_run_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path: Path) -> None:
     args = ["--quick", "--seeds", "0", "--updates", "300", "--workers", "1"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     done = _dcem_cli(*args, "--out", straight)
     assert done.returncode == 0, done.stderr
-
     command = [sys.executable, "-m", "dcem", "regression", *args, "--out", str(killed)]
-    proc = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env()
-    )
-    # gd-0 runs first and finishes; kill during dcem-0, right after its first checkpoint.
-    target = killed / "ckpt" / "dcem-0.pt"
-    deadline = time.monotonic() + 90
-    while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=30) == -signal.SIGKILL
-    assert target.exists() and not (killed / "summary.json").exists()
-    interrupted_at = common.load_checkpoint(target)["update"]
-    assert 0 < interrupted_at < 300
+
+    # Jobs run longest first: dcem-0, then gd-0. Kill 1: inside dcem-0, after a checkpoint.
+    dcem_at = _start_and_kill_after(command, killed / "ckpt" / "dcem-0.pt")
+    assert 0 < dcem_at < 300 and not (killed / "summary.json").exists()
     with open(killed / "jobs" / "dcem-0.csv", "a") as handle:  # rows past the checkpoint and
         handle.write("100000,0.5,0.001\n100001,0.4")  # a torn line, as a crash can leave
+    # Kill 2: the rerun resumes dcem-0, finishes it, and is killed inside gd-0.
+    gd_at = _start_and_kill_after(command, killed / "ckpt" / "gd-0.pt")
+    assert 0 < gd_at < 300 and (killed / "jobs" / "dcem-0.json").exists()
+    finished = (killed / "jobs" / "dcem-0.json").stat().st_mtime_ns
 
     resumed = _dcem_cli(*args, "--out", killed)
     assert resumed.returncode == 0, resumed.stderr
@@ -333,6 +340,7 @@ def test_killed_run_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path: Pat
     assert b["final_mse_per_seed"] == a["final_mse_per_seed"]
     assert b["ablation_per_seed"] == a["ablation_per_seed"]
     assert (killed / "metrics.csv").read_text() == (straight / "metrics.csv").read_text()
-    job = json.loads((killed / "jobs" / "dcem-0.json").read_text())
-    assert job["resumed_from"] == interrupted_at  # it resumed, it did not start over
-    assert json.loads((killed / "jobs" / "gd-0.json").read_text())["resumed_from"] == 0
+    # They resumed from their checkpoints (not from scratch); the finished job was skipped.
+    assert json.loads((killed / "jobs" / "dcem-0.json").read_text())["resumed_from"] == dcem_at
+    assert json.loads((killed / "jobs" / "gd-0.json").read_text())["resumed_from"] == gd_at
+    assert (killed / "jobs" / "dcem-0.json").stat().st_mtime_ns == finished

@@ -41,6 +41,7 @@ __all__ = [
     "atomic_write_text",
     "git_commit",
     "load_checkpoint",
+    "lock_file",
     "lock_folder",
     "mean_ci95",
     "read_csv",
@@ -239,23 +240,34 @@ def truncate_csv(
 
 
 @contextlib.contextmanager
-def lock_folder(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold an exclusive lock on ``path/.lock`` (released by the OS if the process dies).
+def lock_file(path: str | os.PathLike[str], *, blocking: bool = False) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing; released if the process dies).
 
-    Raises :class:`FolderLockedError` at once if another process holds it.
+    With ``blocking=False`` raise :class:`FolderLockedError` at once if another process holds
+    it; with ``blocking=True`` wait for it.
     """
     import fcntl  # POSIX only; imported here so the module imports everywhere
 
-    Path(path).mkdir(parents=True, exist_ok=True)
-    with open(Path(path) / ".lock", "a") as handle:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError as err:
             raise FolderLockedError(f"{path} is in use by another running process") from err
         try:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def lock_folder(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the lock ``path/.lock`` of a run folder; :class:`FolderLockedError` if taken."""
+    try:
+        with lock_file(Path(path) / ".lock"):
+            yield
+    except FolderLockedError as err:
+        raise FolderLockedError(f"{path} is in use by another running process") from err
 
 
 # --------------------------------------------------------------------------- statistics
