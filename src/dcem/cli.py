@@ -84,7 +84,9 @@ def _add_regression(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--seeds", type=_seed_list, help="seeds, e.g. 0,1,2 (default: 0,1,2)")
     parser.add_argument("--updates", type=_positive_int, help="Adam updates per job (60000)")
-    parser.add_argument("--eval-every", type=_positive_int, help="updates between MSE logs (100)")
+    parser.add_argument(
+        "--eval-every", type=_positive_int, help="updates between full-data MSE logs (300)"
+    )
     parser.add_argument(
         "--checkpoint-every", type=_positive_int, help="updates between checkpoints (3000)"
     )

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -225,7 +225,8 @@ class EnergyNet(nn.Module):
 
     def _head(self, h: Tensor) -> Tensor:
         for layer in self.hidden:
-            h = F.softplus(F.linear(h, layer.weight, layer.bias))
+            linear = cast(nn.Linear, layer)
+            h = F.softplus(F.linear(h, linear.weight, linear.bias))
         return F.linear(h, self.out.weight, self.out.bias).squeeze(-1)
 
 
@@ -709,7 +710,9 @@ def load_config(out: str | os.PathLike[str]) -> RegressionConfig:
     record = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
     if record.get("experiment") != EXPERIMENT:
         raise RunFolderError(f"{out} holds experiment {record.get('experiment')!r}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in record["config"].items()}
+    values: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in record["config"].items()
+    }
     return RegressionConfig(**values)
 
 
