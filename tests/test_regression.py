@@ -344,3 +344,19 @@ def test_killed_run_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path: Pat
     assert json.loads((killed / "jobs" / "dcem-0.json").read_text())["resumed_from"] == dcem_at
     assert json.loads((killed / "jobs" / "gd-0.json").read_text())["resumed_from"] == gd_at
     assert (killed / "jobs" / "dcem-0.json").stat().st_mtime_ns == finished
+
+
+def test_progress_off_a_terminal_logs_sparse_lines_instead_of_a_bar(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with caplog.at_level("INFO", logger="dcem.experiments.regression"):
+        with regression._Progress({"gd-0": 0, "dcem-0": 100}, 600, True, log_every=0.0) as report:
+            report("gd-0", 300)
+            report("dcem-0", 250)
+        with regression._Progress({"gd-0": 0}, 300, True, log_every=3600.0) as report:
+            report("gd-0", 300)
+    assert [r.getMessage() for r in caplog.records] == [
+        "regression: 400 / 600 updates",  # dcem-0 had 100 from a checkpoint
+        "regression: 550 / 600 updates",
+    ]
+    assert "\r" not in capsys.readouterr().err  # stderr is not a terminal here: no bar

@@ -549,28 +549,46 @@ def _run_pending(
     workers: int,
     show: bool,
 ) -> None:
-    from tqdm.auto import tqdm
-
     done = {job_key(m, s): _checkpointed_updates(out, m, s) for m, s in pending}
-    total = cfg.n_updates * len(pending)
-    with tqdm(
-        total=total,
-        initial=sum(done.values()),
-        unit="upd",
-        disable=None if show else True,
-        desc=f"{EXPERIMENT} ({len(pending)} jobs)",
-        dynamic_ncols=True,
-    ) as bar:
-
-        def advance(key: str, updates: int) -> None:
-            bar.update(updates - done[key])
-            done[key] = updates
-
+    with _Progress(done, cfg.n_updates * len(pending), show) as advance:
         if workers == 1:
             for method, seed in pending:
                 _log_result(run_job(cfg, out, method, seed, advance))
         else:
             _run_pool(cfg, out, pending, min(workers, len(pending)), advance)
+
+
+class _Progress:
+    """One tqdm bar over all jobs on a terminal; otherwise a log line every ``log_every`` s."""
+
+    def __init__(self, done: dict[str, int], total: int, show: bool, log_every: float = 60.0):
+        from tqdm.auto import tqdm
+
+        self.done, self.total, self.log_every = done, total, log_every
+        self.bar = tqdm(
+            total=total,
+            initial=sum(done.values()),
+            unit="upd",
+            disable=None if show else True,  # None: disabled when stderr is not a terminal
+            desc=f"{EXPERIMENT} ({len(done)} jobs)",
+            dynamic_ncols=True,
+        )
+        self.log_now = show and self.bar.disable
+        self.last_log = time.monotonic()
+
+    def __call__(self, key: str, updates: int) -> None:
+        self.bar.update(updates - self.done[key])
+        self.done[key] = updates
+        if self.log_now and time.monotonic() - self.last_log >= self.log_every:
+            self.last_log = time.monotonic()
+            finished = sum(self.done.values())
+            log.info("%s: %d / %d updates", EXPERIMENT, finished, self.total)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
 
 
 def _log_result(result: dict[str, Any]) -> None:
@@ -639,7 +657,8 @@ def summarize(out: str | os.PathLike[str], run_wall_seconds: float | None = None
 
     summary.json: ``final_mse`` / ``final_mse_ci95`` (mean / 95% CI half-width over seeds),
     ``final_mse_per_seed``, ``ablation`` (step count -> mean MSE), ``ablation_ci95``,
-    ``ablation_per_seed``, ``updates``, ``ms_per_update`` (mean over seeds),
+    ``ablation_per_seed``, ``updates``, ``train_inner_steps``, ``ms_per_update`` (mean over
+    seeds of the training time per update, periodic evaluations included),
     ``wall_seconds`` (per method: summed job seconds; ``total``: their sum) and
     ``run_wall_seconds`` (elapsed time of the invocation that wrote the summary).
     """
@@ -657,6 +676,7 @@ def summarize(out: str | os.PathLike[str], run_wall_seconds: float | None = None
         "seeds": list(cfg.seeds),
         "updates": cfg.n_updates,
         "ablation_steps": list(cfg.ablation_steps),
+        "train_inner_steps": cfg.n_inner_iter,
         "run_wall_seconds": run_wall_seconds,
     }
     for name in ("final_mse", "final_mse_ci95", "final_mse_per_seed", "ablation"):
@@ -783,6 +803,9 @@ def _plot_ablation(summary: dict[str, Any]) -> Any:
         steps = [int(k) for k in next(iter(per_seed.values()))]
         values = np.array([[_nan_if_none(v) for v in r.values()] for r in per_seed.values()])
         _band(ax, np.array(steps), values, method)
+    trained = summary.get("train_inner_steps")
+    if trained is not None:
+        ax.axvline(trained, color="0.5", ls=":", lw=1, label="steps used in training")
     ax.set(yscale="log", xlabel="Number of inner loop iterations at test time", title="MSE")
     ax.set_xticks(summary["ablation_steps"])
     ax.legend()
