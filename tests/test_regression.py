@@ -200,6 +200,24 @@ def test_out_folder_without_config_is_refused(
     assert _listing_names(out) == ["todo.txt"]
 
 
+def test_out_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results.txt"
+    out.write_text("keep me")
+    line = _bad(["--quick", "--out", str(out)], capsys)
+    assert "--out" in line and "not a folder" in line
+    assert out.read_text() == "keep me"
+
+
+def test_out_folder_in_use_by_a_running_process_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    with common.lock_folder(out):  # as a concurrent `dcem regression --out run` would hold it
+        line = _bad(["--quick", "--out", str(out)], capsys)
+    assert "--out" in line and "in use" in line
+    assert _listing_names(out) == [".lock"]
+
+
 def test_plot_only_without_results_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
