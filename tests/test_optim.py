@@ -328,3 +328,27 @@ def test_unroll_gd_matches_closed_form_and_fd() -> None:
         dcem.unroll_gd(lambda y: y.sum(-1), y0, n_iter=0, lr=0.1)
     with pytest.raises(ValueError, match=r"shape \(B,\)"):
         dcem.unroll_gd(lambda y: y, y0, n_iter=2, lr=0.1)
+
+
+def test_benchmark_runs_tiny(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "optim.json"
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "optim.py"), "--tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    for row in result["results"]:
+        assert row["noise_floor_s"] > 0 and row["dcem_fwd_bwd_s"] > 0 and row["cem_fwd_s"] > 0
+    modes = result["mlp"]["backward_modes"]
+    assert modes["checkpoint"]["grad_rel_error"] == 0.0
+    assert modes["checkpoint"]["peak_bytes"] < modes["full"]["peak_bytes"]
+    assert modes["pruned"]["peak_bytes"] < modes["full"]["peak_bytes"]
