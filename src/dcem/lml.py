@@ -30,7 +30,6 @@ never autograd through the solver iterations.
 from __future__ import annotations
 
 import math
-import statistics
 import warnings
 
 import torch
@@ -99,6 +98,18 @@ def _newton(
     return s, g, nu
 
 
+def _normal_quantile(p: float) -> float:
+    """Phi^{-1}(p) for 0 < p < 1 by bisection on erfc (plain math: torch.compile traces it)."""
+    lo, hi = -40.0, 40.0
+    for _ in range(48):
+        mid = 0.5 * (lo + hi)
+        if 0.5 * math.erfc(-mid / math.sqrt(2.0)) < p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
 def _initial_guess(
     z: Tensor, k: float, n: int, stats: tuple[Tensor, Tensor, Tensor, Tensor]
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -112,7 +123,7 @@ def _initial_guess(
     zmax, zmin, s, m = stats
     c = math.log(k / (n - k))
     lo, hi = c - zmax, c - zmin
-    quantile = statistics.NormalDist().inv_cdf(k / n)
+    quantile = _normal_quantile(k / n)
     nu = torch.sqrt(s * s + 8.0 / math.pi) * quantile - m
     return torch.minimum(torch.maximum(nu, lo), hi), lo, hi
 
