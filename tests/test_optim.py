@@ -116,6 +116,25 @@ def test_gradients_match_finite_differences(backward: str) -> None:
         assert err < 1e-4, (name, float(err))
 
 
+def test_refit_from_noise_equals_refit_from_samples() -> None:
+    import importlib
+
+    optim = importlib.import_module("dcem.optim")
+    torch.manual_seed(0)
+    mu = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    sigma = (torch.rand(4, 3, dtype=F64) + 0.5).requires_grad_()
+    eps = torch.randn(4, 50, 3, dtype=F64)
+    w = (10 * torch.softmax(torch.randn(4, 50, dtype=F64), -1)).requires_grad_()
+    m1, s1 = optim._refit(mu.unsqueeze(1) + sigma.unsqueeze(1) * eps, w, 10)
+    m2, s2 = optim._refit_reparam(mu, sigma, eps, w, 10)
+    assert torch.allclose(m1, m2, atol=1e-13) and torch.allclose(s1, s2, atol=1e-13)
+    probe = torch.randn(4, 6, dtype=F64)
+    g1 = torch.autograd.grad((torch.cat([m1, s1], -1) * probe).sum(), [mu, sigma, w])
+    g2 = torch.autograd.grad((torch.cat([m2, s2], -1) * probe).sum(), [mu, sigma, w])
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
 def test_small_tau_equals_cem_iterates() -> None:
     # Prop. 2's corollary: as tau -> 0 the soft elites become the hard ones. The
     # weights differ from 0/1 by about exp(-gap / tau), with gap the distance of

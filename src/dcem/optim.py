@@ -167,33 +167,26 @@ def _scores(v: Tensor, normalize: bool) -> Tensor:
     elite while enough finite costs exist). A problem with no finite cost raises.
     """
     finite = torch.isfinite(v)
-    all_finite = bool(finite.all())
-    if not all_finite:
-        empty = (~finite.any(-1)).nonzero().flatten()
-        if empty.numel():
-            raise ValueError(
-                f"f returned no finite cost for problem(s) {empty.tolist()} "
-                f"(costs of shape {tuple(v.shape)})"
-            )
-        v = torch.where(finite, v, torch.zeros_like(v))
-    if normalize:
-        count = finite.sum(-1, keepdim=True).to(v.dtype) if not all_finite else v.shape[-1]
-        mean = v.sum(-1, keepdim=True) / count
-        dev = v - mean
-        if not all_finite:
-            dev = torch.where(finite, dev, torch.zeros_like(dev))
-        var = (dev * dev).sum(-1, keepdim=True) / (
-            count - 1 if all_finite else (count - 1).clamp_min(1)
+    if bool(finite.all()):  # the common case, in few operators
+        if not normalize:
+            return -v
+        std, mean = torch.std_mean(v, dim=-1, keepdim=True)
+        return (mean - v) / std.clamp_min(torch.finfo(v.dtype).eps)
+    empty = (~finite.any(-1)).nonzero().flatten()
+    if empty.numel():
+        raise ValueError(
+            f"f returned no finite cost for problem(s) {empty.tolist()} "
+            f"(costs of shape {tuple(v.shape)})"
         )
-        scores = -dev / var.sqrt().clamp_min(torch.finfo(v.dtype).eps)
-    else:
-        scores = -v
-    if all_finite:
-        return scores
+    v = torch.where(finite, v, torch.zeros_like(v))
     if normalize:
+        count = finite.sum(-1, keepdim=True).to(v.dtype)
+        dev = torch.where(finite, v - v.sum(-1, keepdim=True) / count, torch.zeros_like(v))
+        std = ((dev * dev).sum(-1, keepdim=True) / (count - 1).clamp_min(1)).sqrt()
+        scores = -dev / std.clamp_min(torch.finfo(v.dtype).eps)
         return torch.where(finite, scores, torch.full_like(scores, _FILL_SCORE))
-    masked = torch.where(finite, scores, torch.full_like(scores, math.inf))
-    low = masked.amin(-1, keepdim=True)
+    scores = -v
+    low = torch.where(finite, scores, torch.full_like(scores, math.inf)).amin(-1, keepdim=True)
     spread = torch.where(finite, scores, low).amax(-1, keepdim=True) - low
     return torch.where(finite, scores, low - 1e4 * (1.0 + spread))
 
@@ -220,6 +213,34 @@ def _refit(x: Tensor, weights: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return mu, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
 
 
+def _refit_reparam(
+    mu: Tensor, sigma: Tensor, eps: Tensor, weights: Tensor, k: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`_refit` of unclamped samples ``x = mu + sigma * eps``, computed from ``eps``.
+
+    The same function, but the (B, N, d) work is two reads of the constant noise
+    and one elementwise pass without a graph: with ``S = sum w``, ``A = sum w eps``
+    and the weighted mean ``e = A / S`` of the noise,
+    ``mu' = (S mu + sigma A) / k`` and
+    ``sigma'^2 = (sigma^2 sum w (eps - e)^2 + S c^2) / k``, ``c = (1 - S / k)(mu + sigma e)``.
+    ``e`` is held constant in the centred sum, whose derivative in ``e`` vanishes there.
+    """
+    w = weights.unsqueeze(1)
+    total = weights.sum(-1, keepdim=True)
+    a = torch.bmm(w, eps).squeeze(1)
+    e = a / total
+    centred = (eps - e.detach().unsqueeze(1)).square_()
+    spread = torch.bmm(w, centred).squeeze(1)
+    new_mu = torch.addcmul(total * mu, sigma, a) / k
+    c = (1 - total / k) * torch.addcmul(mu, sigma, e)
+    var = (sigma * sigma * spread + total * c * c) / k
+    return new_mu, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+
+
+# Above this many sample entries (B * N * d) without bounds, refit from the noise.
+_REPARAM_REFIT_MIN = 65_536
+
+
 def dcem_step(
     f: Cost,
     mu: Tensor,
@@ -241,8 +262,11 @@ def dcem_step(
     x = _sample(mu, sigma, eps, lb, ub)
     v = _costs(f, x)
     weights = lml(_scores(v, normalize), n_elite, tau)
-    mu, sigma = _refit(x, weights, n_elite)
-    return mu, sigma, x, v, weights
+    if lb is None and ub is None and eps.numel() >= _REPARAM_REFIT_MIN:
+        new_mu, new_sigma = _refit_reparam(mu, sigma, eps, weights, n_elite)
+    else:
+        new_mu, new_sigma = _refit(x, weights, n_elite)
+    return new_mu, new_sigma, x, v, weights
 
 
 def _dcem_step_pruned(
