@@ -533,6 +533,8 @@ def run(
         record = common.run_record(EXPERIMENT, cfg.to_json())
         if not (out / "config.json").exists():
             common.atomic_write_json(out / "config.json", record)
+        else:
+            _warn_if_code_changed(out, record["git_commit"])
         pending = [(m, s) for m in cfg.methods for s in cfg.seeds if not _job_done(out, m, s)]
         pending.sort(key=lambda job: -RELATIVE_COST[job[0]])  # longest first: better packing
         if pending:
@@ -540,6 +542,12 @@ def run(
         summary = summarize(out, run_wall_seconds=time.perf_counter() - start)
         plot(out)
     return summary
+
+
+def _warn_if_code_changed(out: Path, commit: str | None) -> None:
+    started = json.loads((out / "config.json").read_text(encoding="utf-8")).get("git_commit")
+    if started != commit:
+        log.warning("%s was started at commit %s; continuing with code at %s", out, started, commit)
 
 
 def _run_pending(
