@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 lint: setup
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m mypy src/dcem
 
 format: setup
 	$(PY) -m ruff format src tests benchmarks
@@ -34,9 +35,12 @@ test-slow: setup
 bench: setup
 	mkdir -p benchmarks/out
 	$(PY) benchmarks/lml.py --out benchmarks/out/lml.json
+	$(PY) benchmarks/optim.py --out benchmarks/out/optim.json
+	$(PY) benchmarks/control.py --out benchmarks/out/control.json
+	$(PY) benchmarks/planner.py --out benchmarks/out/planner.json
 
 reproduce: setup
-	$(PY) benchmarks/lml.py --out benchmarks/out/lml.json
+	$(PY) -m dcem regression --out runs/regression
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

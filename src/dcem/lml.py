@@ -340,7 +340,7 @@ def topk_mask(x: Tensor, k: int) -> Tensor:
         each row and 0 elsewhere (ties are broken by ``torch.topk``). No gradient.
     """
     n = _validate(x, k, 1.0)
-    if isinstance(k, float) and not k.is_integer():
+    if not float(k).is_integer():
         raise ValueError(f"k must be an integer for topk_mask, got {k}")
     if torch.isnan(x).any():
         raise ValueError(f"x contains NaN (shape {tuple(x.shape)})")

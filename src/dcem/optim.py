@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -440,7 +440,7 @@ def dcem(
         n_keep = min(n_keep, n_sample)
     gen = _generator(generator, mu.device)
     shape = (mu.shape[0], n_sample, mu.shape[1])
-    kw = dict(n_elite=n_elite, tau=float(tau), lb=lo, ub=hi, normalize=normalize)
+    kw: dict[str, Any] = dict(n_elite=n_elite, tau=float(tau), lb=lo, ub=hi, normalize=normalize)
     for t in range(n_iter):
         if backward == "checkpoint":
             after: list[Tensor] = []
