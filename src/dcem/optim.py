@@ -166,12 +166,13 @@ def _scores(v: Tensor, normalize: bool) -> Tensor:
     Non-finite costs get a score far below every finite one (weight ~0, never an
     elite while enough finite costs exist). A problem with no finite cost raises.
     """
-    finite = torch.isfinite(v)
-    if bool(finite.all()):  # the common case, in few operators
+    # One host sync: the sum is finite unless a cost is not (or the sum overflows).
+    if math.isfinite(float(v.detach().sum())) or bool(torch.isfinite(v).all()):
         if not normalize:
             return -v
         std, mean = torch.std_mean(v, dim=-1, keepdim=True)
         return (mean - v) / std.clamp_min(torch.finfo(v.dtype).eps)
+    finite = torch.isfinite(v)
     empty = (~finite.any(-1)).nonzero().flatten()
     if empty.numel():
         raise ValueError(
