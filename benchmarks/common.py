@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
@@ -11,6 +12,25 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+
+def parse_args(description: str, argv: list[str] | None, repeats: int, tiny_repeats: int):
+    """The options every benchmark takes; sets the torch thread count and the repeats."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
+    parser.add_argument("--tiny", action="store_true", help="small sizes (for the test suite)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per size")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1 is robust on shared machines)"
+    )
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    args.repeats = args.repeats or (tiny_repeats if args.tiny else repeats)
+    return args
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

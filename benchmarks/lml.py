@@ -11,14 +11,12 @@ Usage: python benchmarks/lml.py [--out PATH] [--tiny] [--repeats R]
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 import dcem
-from common import ReferenceLML, median_time, write_result
+from common import ReferenceLML, median_time, parse_args, write_result
 
 SIZES = [(1, 100, 10), (100, 100, 10), (1000, 100, 10), (1000, 1000, 100)]
 TINY_SIZES = [(1, 100, 10), (8, 100, 10)]
@@ -56,16 +54,8 @@ def bench_size(batch: int, n: int, k: int, repeats: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
-    parser.add_argument("--tiny", action="store_true", help="small sizes (for the test suite)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per size")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (1 is robust on shared machines)"
-    )
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    repeats = args.repeats or (5 if args.tiny else 50)
+    args = parse_args(__doc__.splitlines()[0], argv, repeats=50, tiny_repeats=5)
+    repeats = args.repeats
     rows = [bench_size(b, n, k, repeats) for b, n, k in (TINY_SIZES if args.tiny else SIZES)]
     result = write_result("lml", rows, args.out, dtype="float32", device="cpu")
     for r in rows:

@@ -15,16 +15,14 @@ Usage: python benchmarks/optim.py [--out PATH] [--tiny]
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-from pathlib import Path
 
 import torch
 from torch.distributions import Normal
 
 import dcem
-from common import ReferenceLML, median_time, peak_memory_bytes, write_result
+from common import ReferenceLML, median_time, parse_args, peak_memory_bytes, write_result
 
 N, K, T = 100, 10, 10
 SIZES = [(1, 2), (64, 32), (1024, 32)]
@@ -171,16 +169,8 @@ def bench_mlp(batch: int, hidden: int, repeats: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
-    parser.add_argument("--tiny", action="store_true", help="small sizes (for the test suite)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per size")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (1 is robust on shared machines)"
-    )
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    repeats = args.repeats or (3 if args.tiny else 10)
+    args = parse_args(__doc__.splitlines()[0], argv, repeats=10, tiny_repeats=3)
+    repeats = args.repeats
     rows = [bench_quadratic(b, d, repeats) for b, d in (TINY_SIZES if args.tiny else SIZES)]
     mlp = bench_mlp(8, 16, repeats) if args.tiny else bench_mlp(100, 128, repeats)
     for r in rows:

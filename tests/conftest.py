@@ -1,8 +1,30 @@
-"""Test-wide settings."""
+"""Test-wide settings and helpers."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # One intra-op thread: the suite also starts worker subprocesses, and OpenMP
 # threads that wait for a busy core slow small operators down by an order of
 # magnitude on a shared 2-core machine.
 torch.set_num_threads(1)
+
+
+def run_benchmark(name: str, tmp_path: Path, timeout: float = 300) -> dict:
+    """Run ``benchmarks/{name}.py --tiny`` in a subprocess and return its JSON."""
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == name
+    return result

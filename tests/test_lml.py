@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ from scipy.optimize import brentq
 from scipy.special import expit
 
 import dcem
+from conftest import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -243,18 +242,7 @@ def test_properties(data: list[float], k_frac: float, tau: float, seed: int) -> 
 
 
 def test_benchmark_runs_tiny(tmp_path: Path) -> None:
-    out = tmp_path / "lml.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "lml.py"), "--tiny", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    import json
-
-    result = json.loads(out.read_text())
-    assert result["benchmark"] == "lml"
+    result = run_benchmark("lml", tmp_path)
     for row in result["results"]:
         assert row["lml_fwd_bwd_s"] > 0 and row["elementwise_s"] > 0
         assert row["max_constraint_error"] <= 1e-4 * row["k"]

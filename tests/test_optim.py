@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dcem
+from conftest import run_benchmark
 from dcem.optim import IterationInfo
 
 F64 = torch.float64
@@ -350,21 +351,7 @@ def test_unroll_gd_matches_closed_form_and_fd() -> None:
 
 
 def test_benchmark_runs_tiny(tmp_path) -> None:
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "optim.json"
-    proc = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "optim.py"), "--tiny", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(out.read_text())
+    result = run_benchmark("optim", tmp_path)
     for row in result["results"]:
         assert row["noise_floor_s"] > 0 and row["dcem_fwd_bwd_s"] > 0 and row["cem_fwd_s"] > 0
     modes = result["mlp"]["backward_modes"]
