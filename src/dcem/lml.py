@@ -14,11 +14,14 @@ Forward: a root find for ``nu`` per row that converges on the constraint
 every row from a closed-form initial guess, inside the sort-free bracket
 ``[-max(z) + c, -min(z) + c]`` with ``z = x / tau`` and ``c = logit(k / n)``; a
 step that leaves the bracket is replaced by bisection. There are no
-data-dependent breaks and no host syncs in that loop. Rows that are not within
-tolerance afterwards (heavy tails at small ``tau``: a staircase of saturated
-sigmoids) are re-solved in stage 2 from the midpoint of the k-th and (k+1)-th
-largest scores (``topk``) in coordinates shifted to that point, which keeps the
-root find exact when ``|x / tau|`` is large.
+data-dependent breaks and no host syncs in that loop; after it, one host sync
+reads the largest residual. Rows not within tolerance (heavy tails at small
+``tau``: a staircase of saturated sigmoids; rows with +-inf or NaN) are handled
+by a careful path: NaN raises, infinite scores are fixed to 0/1, and the rest is
+re-solved in stage 2, the same safeguarded Newton for up to 64 steps from the
+midpoint of the k-th and (k+1)-th largest scores (``topk``), in coordinates
+shifted to that point, which keeps the root find exact when ``|x / tau|`` is
+large.
 
 Backward: the closed-form implicit gradient, O(n) per row,
 
@@ -285,8 +288,9 @@ def lml(x: Tensor, k: float, tau: float = 1.0, *, max_iter: int | None = None) -
         k: the number of entries to select, ``1 <= k <= n`` (may be fractional).
         tau: temperature ``> 0``; it divides the scores. ``tau -> 0`` gives the hard
             top-k indicator :func:`topk_mask`, large ``tau`` gives ``k / n`` everywhere.
-        max_iter: Newton steps of stage 1 (default 4 evaluations for float32, 5 for float64).
-            Rows not converged by then are finished by a robust stage 2.
+        max_iter: residual evaluations of stage 1 (default 4 for float32, 5 for
+            float64; one Newton step between each two). Rows not converged by then
+            are finished by a robust stage 2.
 
     Returns:
         y: shape ``(..., n)``, ``0 <= y <= 1`` and ``sum(y, -1) = k`` to about
