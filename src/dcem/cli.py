@@ -2,6 +2,8 @@
 
     dcem regression [--quick] [--out DIR] [--methods gd,dcem] [--seeds 0,1,2] [--updates N]
                     [--workers N] [--plot-only]
+    dcem cartpole [--quick | --grid] [--out DIR] [--latent-dims 2,8,16] [--taus 1,0.1,0]
+                  [--seeds 0,1,2] [--iterations N] [--horizon H] [--workers N] [--plot-only]
 
 Each subcommand is one entry of ``_COMMANDS``: a function adding its options to a subparser
 and a function running it. Bad option values exit with status 2 and a one-line message naming
@@ -143,6 +145,132 @@ def _run_regression(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     return 0
 
 
+# --------------------------------------------------------------------------- cartpole
+
+
+def _positive_int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated positive integers like 2,8,16, got {text!r}"
+        ) from None
+    if any(v < 1 for v in values) or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(
+            f"must be distinct positive integers like 2,8,16, got {text!r}"
+        )
+    return values
+
+
+def _tau_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated numbers >= 0 like 1,0.1,0 (0: latent CEM), got {text!r}"
+        ) from None
+    ok = all(0 <= v < float("inf") for v in values)  # also rejects nan
+    if not ok or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(
+            f"must be distinct finite numbers >= 0 like 1,0.1,0 (0: latent CEM), got {text!r}"
+        )
+    return values
+
+
+def _add_cartpole(parser: argparse.ArgumentParser) -> None:
+    from dcem.experiments import cartpole
+
+    default = cartpole.CartpoleConfig()
+    parser.add_argument(
+        "--out", type=Path, help="run folder (resumed if it holds an unfinished run of the same "
+        "config; default: runs/cartpole, runs/cartpole-grid with --grid, runs/cartpole-quick "
+        "with --quick)"
+    )  # fmt: skip
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--quick", action="store_true", help="tiny budget exercising every step (d 2, tau 1 and "
+        "0, 2 seeds, 60 iterations, 20 validation states); explicit options still apply"
+    )  # fmt: skip
+    budget.add_argument(
+        "--grid", action="store_true", help="the paper's grid: --latent-dims 2,8,16 --taus "
+        "1,0.1,0; explicit options still apply"
+    )  # fmt: skip
+    parser.add_argument(
+        "--latent-dims", type=_positive_int_list, help="latent dimensions (default: 2)"
+    )
+    parser.add_argument(
+        "--taus", type=_tau_list, help="DCEM temperatures, 0 for latent CEM (default: 1)"
+    )
+    parser.add_argument("--seeds", type=_seed_list, help="seeds, e.g. 0,1,2 (default: 0,1,2)")
+    parser.add_argument(
+        "--iterations", type=_positive_int, help=f"training updates per run ({default.n_iter})"
+    )
+    parser.add_argument(
+        "--horizon", type=_positive_int, help=f"planning horizon H ({default.horizon})"
+    )
+    parser.add_argument(
+        "--workers", type=_positive_int, default=2, help="parallel run processes (default: 2)"
+    )
+    parser.add_argument(
+        "--plot-only", action="store_true", help="redraw the figures of --out from its result "
+        "files; runs nothing"
+    )  # fmt: skip
+
+
+def _cartpole_config(args: argparse.Namespace) -> Any:
+    from dcem.experiments import cartpole
+
+    given = {
+        "latent_dims": args.latent_dims,
+        "taus": args.taus,
+        "seeds": args.seeds,
+        "n_iter": args.iterations,
+        "horizon": args.horizon,
+    }
+    overrides = {k: v for k, v in given.items() if v is not None}
+    if args.quick:
+        return cartpole.CartpoleConfig.quick(**overrides)
+    if args.grid:
+        return cartpole.CartpoleConfig.grid(**overrides)
+    return cartpole.CartpoleConfig(**overrides)
+
+
+def _cartpole_out(args: argparse.Namespace) -> Path:
+    if args.out is not None:
+        return Path(args.out)
+    return Path("runs/cartpole" + ("-quick" if args.quick else "-grid" if args.grid else ""))
+
+
+def _run_cartpole(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from dcem.experiments import cartpole, common
+
+    out = _cartpole_out(args)
+    if args.plot_only:
+        if not (out / "summary.json").is_file():
+            parser.error(f"argument --plot-only: {out} has no summary.json to plot from")
+        for path in cartpole.plot(out):
+            log.info("wrote %s", path)
+        return 0
+    try:
+        cfg = _cartpole_config(args)
+    except ValueError as err:
+        parser.error(f"invalid options: {err}")
+    try:
+        cartpole.check_out_folder(out, cfg)
+        summary = cartpole.run(cfg, out, workers=args.workers)
+    except (cartpole.RunFolderError, common.FolderLockedError) as err:
+        parser.error(f"argument --out: {err}")
+    log.info("expert reward %.3f (mean over the validation set)", summary["expert_reward"])
+    for group in summary["improvement_factor"]:
+        log.info(
+            "latent dim %d, tau %g: improvement factor %.3f validation, %.3f held-out "
+            "(mean over %d seeds)",
+            group["latent_dim"], group["tau"], group["mean"], group["test_mean"], len(cfg.seeds),
+        )  # fmt: skip
+    log.info("results in %s", out)
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 _COMMANDS: dict[str, tuple[str, Callable[..., None], Callable[..., int]]] = {
@@ -150,6 +278,11 @@ _COMMANDS: dict[str, tuple[str, Callable[..., None], Callable[..., int]]] = {
         "energy-based 1-D regression, unrolled GD vs DCEM (paper §5.1, figs 2, 6, 7)",
         _add_regression,
         _run_regression,
+    ),
+    "cartpole": (
+        "embedding the cartpole action space with DCEM (paper §5.2.1, figs 3, 5, 9, 10)",
+        _add_cartpole,
+        _run_cartpole,
     ),
 }
 
