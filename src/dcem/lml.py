@@ -71,17 +71,19 @@ def _newton(
     hi: Tensor,
     iters: int,
     mask: Tensor | None = None,
+    work: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Safeguarded Newton on ``g(nu) = sum_i sigmoid(z_i + nu) - k`` inside ``[lo, hi]``.
 
     z: (r, n); k: (r,) or a number; nu, lo, hi: (r,); mask: (r, n) of 0/1 or None.
     ``iters`` evaluations of g and ``iters - 1`` updates of nu: a fixed count,
     masks instead of breaks, no host syncs, two work buffers reused throughout.
-    A Newton step that leaves the bracket is replaced by bisection.
+    A Newton step that leaves the bracket is replaced by bisection. ``work`` is an
+    optional scratch buffer like z.
 
     Returns (y, g, nu): y = sigmoid(z + nu) at the last evaluation, g its residual.
     """
-    s, sq = torch.empty_like(z), torch.empty_like(z)
+    s, sq = torch.empty_like(z), (torch.empty_like(z) if work is None else work)
     for i in range(iters):
         torch.add(z, nu.unsqueeze(-1), out=s).sigmoid_()
         if mask is not None:
@@ -186,10 +188,10 @@ def _solve_nonfinite(z: Tensor, k: float, n: int) -> Tensor:
     return torch.where(pos, torch.ones_like(y), y)
 
 
-def _row_stats(z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(max, min, std, mean) of each row of z: (r, n)."""
+def _row_stats(z: Tensor, work: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(max, min, std, mean) of each row of z: (r, n); work: a buffer like z."""
     m = z.mean(-1)
-    var = (torch.linalg.vecdot(z, z) / z.shape[-1] - m * m).clamp_min(0.0)
+    var = (torch.mul(z, z, out=work).sum(-1) / z.shape[-1] - m * m).clamp_min(0.0)
     return z.amax(-1), z.amin(-1), var.sqrt(), m
 
 
@@ -203,9 +205,10 @@ def _forward(x: Tensor, k: float, tau: float, max_iter: int | None) -> Tensor:
         return torch.ones_like(x)
     tol = _RTOL[flat.dtype] * max(1.0, float(k))
     iters = _STAGE1_ITERS[flat.dtype] if max_iter is None else max_iter
-    stats = _row_stats(flat)
+    work = torch.empty_like(flat)
+    stats = _row_stats(flat, work)
     nu, lo, hi = _initial_guess(flat, k, n, stats)
-    y, g, _ = _newton(flat, k, nu, lo, hi, iters)
+    y, g, _ = _newton(flat, k, nu, lo, hi, iters, work=work)
     # The one host sync: NaN/inf scores give NaN residuals and fail the test too.
     if not float(g.abs().max()) <= tol:
         y = _careful(flat, y, g, k, n, tol)
@@ -238,11 +241,21 @@ def _careful(flat: Tensor, y: Tensor, g: Tensor, k: float, n: int, tol: float) -
 
 
 def _vjp(y: Tensor, grad: Tensor, tau: float) -> Tensor:
-    """Implicit gradient of the projection: (1/tau) h (g - <h, g> / sum h)."""
-    h = y - y * y
+    """Implicit gradient of the projection: (1/tau) h (g - <h, g> / sum h).
+
+    Plain backward passes fill two (r, n) buffers in place (fresh large
+    allocations cost page faults); double backward and torch.func transforms take
+    the out-of-place form, which they can differentiate and batch.
+    """
+    h = torch.addcmul(y, y, y, value=-1.0)  # y (1 - y)
     hsum = h.sum(-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
-    ratio = torch.linalg.vecdot(h, grad).unsqueeze(-1) / hsum  # 0 where every h is 0
-    out = (grad - ratio).mul_(h)
+    if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+        ratio = (h * grad).sum(-1, keepdim=True) / hsum
+        out = (grad - ratio) * h
+        return out / tau if tau != 1.0 else out
+    out = torch.mul(h, grad)
+    ratio = out.sum(-1, keepdim=True) / hsum  # 0 where every h is 0
+    torch.sub(grad, ratio, out=out).mul_(h)
     return out.div_(tau) if tau != 1.0 else out
 
 
