@@ -782,11 +782,18 @@ def _save(fig: Any, out: Path, name: str) -> Path:
 
 
 def _band(ax: Any, x: np.ndarray, values: np.ndarray, method: str) -> None:
-    """Mean over seeds (rows of ``values``) with its 95% CI band."""
-    mean, half = common.mean_ci95(values)
-    ax.plot(x, mean, color=COLORS[method], lw=2, label=LABELS[method])
+    """Geometric mean over seeds (rows of ``values``) with the 95% CI band of log10 values.
+
+    The axes are logarithmic: an interval on the raw values reaches below zero
+    with three seeds and vanishes from the plot, one on the logs does not.
+    """
+    logs = np.log10(np.maximum(values, np.finfo(np.float64).tiny))
+    mean, half = common.mean_ci95(logs)
     half = np.nan_to_num(half)
-    ax.fill_between(x, mean - half, mean + half, color=COLORS[method], alpha=0.2, lw=0)
+    ax.plot(x, 10**mean, color=COLORS[method], lw=2, label=LABELS[method])
+    ax.fill_between(
+        x, 10 ** (mean - half), 10 ** (mean + half), color=COLORS[method], alpha=0.2, lw=0
+    )
 
 
 def _plot_convergence(rows: list[dict[str, str]], methods: list[str]) -> Any:
@@ -799,7 +806,8 @@ def _plot_convergence(rows: list[dict[str, str]], methods: list[str]) -> Any:
         updates = sorted(set.intersection(*(set(c) for c in curves.values())))
         values = np.array([[c[u] for u in updates] for c in curves.values()])
         _band(ax, np.array(updates), values, method)
-    ax.set(yscale="log", xlabel="Number of updates", title="Train MSE")
+    ax.set(yscale="log", xlabel="Number of updates", ylabel="geometric mean over seeds, 95% CI")
+    ax.set_title("Train MSE")
     ax.legend()
     return fig
 
@@ -815,6 +823,7 @@ def _plot_ablation(summary: dict[str, Any]) -> Any:
     if trained is not None:
         ax.axvline(trained, color="0.5", ls=":", lw=1, label="steps used in training")
     ax.set(yscale="log", xlabel="Number of inner loop iterations at test time", title="MSE")
+    ax.set_ylabel("geometric mean over seeds, 95% CI")
     ax.set_xticks(summary["ablation_steps"])
     ax.legend()
     return fig
