@@ -328,7 +328,11 @@ def cem_step(
     0/1 weights. (``normalize`` does not change the ranking; it is accepted for
     symmetry with :func:`dcem_step`.)
     """
-    x = _sample(mu, sigma, eps, lb, ub)
+    return _cem_update(f, _sample(mu, sigma, eps, lb, ub), n_elite)
+
+
+def _cem_update(f: Cost, x: Tensor, n_elite: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The rest of :func:`cem_step` given the samples x (B, N, d)."""
     v = _costs(f, x)
     scores = _scores(v, normalize=False)
     idx = scores.topk(n_elite, dim=-1).indices
@@ -502,7 +506,16 @@ def cem(
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         for t in range(n_iter):
             eps = torch.randn(shape, generator=gen, device=mu.device, dtype=mu.dtype)
-            mu, sigma, x, v, w = cem_step(f, mu, sigma, eps, n_elite=n_elite, lb=lo, ub=hi)
+            if torch.is_grad_enabled():
+                x = _sample(mu, sigma, eps, lo, hi)
+            else:  # the noise is ours: turn it into the samples in place (no new buffer)
+                x = eps.mul_(sigma.unsqueeze(1)).add_(mu.unsqueeze(1))
+                if lo is not None or hi is not None:
+                    x.clamp_(
+                        None if lo is None else lo.unsqueeze(1),
+                        None if hi is None else hi.unsqueeze(1),
+                    )
+            mu, sigma, x, v, w = _cem_update(f, x, n_elite)
             if return_best:
                 vv = torch.where(torch.isfinite(v), v, torch.full_like(v, math.inf))
                 val, idx = vv.min(-1)
