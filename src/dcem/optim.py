@@ -504,12 +504,18 @@ def cem(
     shape = (mu.shape[0], n_sample, mu.shape[1])
     best_x, best_v = mu, torch.full(mu.shape[:1], math.inf, dtype=mu.dtype, device=mu.device)
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        # Without a graph, the noise and the samples live in two buffers reused by
+        # every iteration (fresh large allocations cost page faults).
+        reuse = not torch.is_grad_enabled()
+        eps = torch.empty(shape, device=mu.device, dtype=mu.dtype) if reuse else None
+        buf = torch.empty_like(eps) if eps is not None else None
         for t in range(n_iter):
-            eps = torch.randn(shape, generator=gen, device=mu.device, dtype=mu.dtype)
-            if torch.is_grad_enabled():
-                x = _sample(mu, sigma, eps, lo, hi)
-            else:  # the noise is ours: turn it into the samples in place (no new buffer)
-                x = eps.mul_(sigma.unsqueeze(1)).add_(mu.unsqueeze(1))
+            if eps is None or buf is None:
+                noise = torch.randn(shape, generator=gen, device=mu.device, dtype=mu.dtype)
+                x = _sample(mu, sigma, noise, lo, hi)
+            else:
+                torch.randn(shape, generator=gen, out=eps)
+                x = torch.addcmul(mu.unsqueeze(1), sigma.unsqueeze(1), eps, out=buf)
                 if lo is not None or hi is not None:
                     x.clamp_(
                         None if lo is None else lo.unsqueeze(1),
@@ -524,7 +530,8 @@ def cem(
                 best_x = torch.where(better.unsqueeze(-1), cand, best_x)
                 best_v = torch.where(better, val, best_v)
             if callback is not None:
-                callback(IterationInfo(t, x.detach(), v.detach(), w, mu.detach(), sigma.detach()))
+                samples = x.detach().clone() if reuse else x.detach()
+                callback(IterationInfo(t, samples, v.detach(), w, mu.detach(), sigma.detach()))
     return _finish(best_x if return_best else mu, lo, hi, single)
 
 
