@@ -1,9 +1,12 @@
-"""Run-folder helpers: atomic writes, checkpoints, seeds, CSV, folder lock, Student-t CI."""
+"""Run-folder helpers: atomic writes, checkpoints, seeds, CSV, folder lock, Student-t CI, and
+the run machinery shared by the experiments (folder check, job state, progress, job pool)."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -220,3 +223,132 @@ def test_checkpoint_bytes_are_torch_save_payload_after_header(tmp_path: Path) ->
     assert header == b"DCEMCKPT1" and len(digest) == 64
     loaded = torch.load(io.BytesIO(payload), weights_only=True)
     assert torch.equal(loaded["w"], torch.ones(2))
+
+
+# --------------------------------------------------------------------------- run machinery
+
+
+def test_check_out_folder_accepts_new_empty_and_same_config(tmp_path: Path) -> None:
+    common.check_out_folder(tmp_path / "new", "exp", {"a": 1})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").touch()
+    common.check_out_folder(tmp_path / "run", "exp", {"a": 1})  # only a lock: empty
+    (tmp_path / "run" / "config.json").write_text('{"experiment": "exp", "config": {"a": 1}}')
+    common.check_out_folder(tmp_path / "run", "exp", {"a": 1})
+
+
+def test_check_out_folder_refuses_a_file(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(common.RunFolderError, match="exists and is not a folder"):
+        common.check_out_folder(tmp_path / "file", "exp", {"a": 1})
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "is not empty and holds no config.json"),
+        ("{not json", "is unreadable"),
+        ('{"experiment": "other", "config": {}}', "holds results of experiment 'other', not 'exp'"),
+        (
+            '{"experiment": "exp", "config": {"a": 2, "b": 0}}',
+            "holds a exp run with a different config (a: 2 -> 1, b: 0 -> None)",
+        ),
+    ],
+)
+def test_check_out_folder_refuses_other_contents(
+    tmp_path: Path, content: str | None, message: str
+) -> None:
+    (tmp_path / "summary.json").write_text("{}")
+    if content is not None:
+        (tmp_path / "config.json").write_text(content)
+    with pytest.raises(common.RunFolderError, match=re.escape(message)):
+        common.check_out_folder(tmp_path, "exp", {"a": 1})
+
+
+def test_job_done_needs_json_npz_and_an_accepted_result(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+
+    def has_x(result: dict) -> bool:
+        return result["x"] == 1
+
+    (jobs / "k.json").write_text('{"x": 1}')
+    assert not common.job_done(tmp_path, "k", has_x)  # no NPZ yet
+    (jobs / "k.npz").write_bytes(b"")
+    assert common.job_done(tmp_path, "k", has_x)
+    (jobs / "k.json").write_text('{"y": 1}')
+    assert not common.job_done(tmp_path, "k", has_x)  # KeyError counts as not done
+    (jobs / "k.json").write_text('{"x": 1')
+    assert not common.job_done(tmp_path, "k", has_x)  # cut-off JSON
+
+
+def test_checkpointed_reads_the_counter_or_zero(tmp_path: Path) -> None:
+    assert common.checkpointed(tmp_path, "k", "update") == 0
+    common.save_checkpoint(tmp_path / "ckpt" / "k.pt", {"update": 42})
+    assert common.checkpointed(tmp_path, "k", "update") == 42
+
+
+def test_run_progress_logs_sparse_lines_on_the_given_logger(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    logger = logging.getLogger("dcem.test_progress")
+    kw = dict(experiment="exp", unit="steps", bar_unit="st", job_noun="jobs", logger=logger)
+    with caplog.at_level("INFO", logger=logger.name):
+        with common.RunProgress({"a": 0, "b": 5}, 20, True, log_every=0.0, **kw) as report:
+            report("a", 10)
+        with common.RunProgress({"a": 0}, 20, False, log_every=0.0, **kw) as report:
+            report("a", 10)  # show=False: silent
+    assert [r.getMessage() for r in caplog.records] == ["exp: 15 / 20 steps"]
+    assert "\r" not in capsys.readouterr().err
+
+
+def _square_job(offset: int, x: int, progress: common.ProgressFn) -> dict[str, int]:
+    """A picklable job for :func:`common.run_jobs`: reports twice, returns ``offset + x**2``."""
+    progress(f"j{x}", 1)
+    progress(f"j{x}", 2)
+    return {"x": x, "y": offset + x * x}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_run_jobs_in_process_and_in_a_pool(workers: int) -> None:
+    reports: dict[str, int] = {}
+    results: list[dict[str, int]] = []
+    job = functools.partial(_square_job, 10)
+    common.run_jobs(job, [(1,), (2,), (3,)], workers, reports.__setitem__, results.append)
+    assert sorted((r["x"], r["y"]) for r in results) == [(1, 11), (2, 14), (3, 19)]
+    if workers == 1:
+        assert reports == {"j1": 2, "j2": 2, "j3": 2}
+    else:  # a report still in a worker's queue when its result arrives may be left unread
+        assert reports and all(reports[key] in (1, 2) for key in reports)
+        assert set(reports) <= {"j1", "j2", "j3"}
+
+
+def test_run_jobs_pool_reraises_a_job_error() -> None:
+    with pytest.raises(ValueError, match="boom"):
+        common.run_jobs(_failing_job, [(0,)], 2, lambda key, n: None, lambda result: None)
+
+
+def _failing_job(x: int, progress: common.ProgressFn) -> dict[str, int]:
+    raise ValueError(f"boom {x}")
+
+
+def test_job_slot_holds_the_job_lock_with_one_torch_thread(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    with common.job_slot(tmp_path, "k"):
+        assert torch.get_num_threads() == 1
+        with pytest.raises(common.FolderLockedError):
+            with common.lock_file(tmp_path / "ckpt" / "k.lock"):
+                pass
+    assert torch.get_num_threads() == threads
+    with common.lock_file(tmp_path / "ckpt" / "k.lock"):  # released
+        pass
+
+
+def test_save_job_appends_rows_empties_them_and_checkpoints(tmp_path: Path) -> None:
+    rows = [{"update": 1, "loss": 0.5}]
+    common.save_job(tmp_path, "k", ["update", "loss"], rows, {"update": 1})
+    rows.append({"update": 2, "loss": 0.25})
+    common.save_job(tmp_path, "k", ["update", "loss"], rows, {"update": 2})
+    assert rows == []
+    assert (tmp_path / "jobs" / "k.csv").read_text() == "update,loss\n1,0.5\n2,0.25\n"
+    assert common.load_checkpoint(tmp_path / "ckpt" / "k.pt") == {"update": 2}

@@ -28,16 +28,14 @@ from its checkpoints and reproduces the numbers of an uninterrupted run exactly.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
+import functools
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
-import queue
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +59,7 @@ from dcem.control import (
 )
 from dcem.control.mpc import FULL_INIT_SIGMA, LATENT_INIT_SIGMA, LATENT_LB, LATENT_UB
 from dcem.experiments import common
+from dcem.experiments.common import RunFolderError
 
 __all__ = [
     "EXPERIMENT",
@@ -83,12 +82,8 @@ METRIC_FIELDS = ["iteration", "train_cost", "val_cost", "lr"]
 CKPT_VERSION = 1
 N_TRACE_KEEP = 100  # samples per iteration kept for the iterates figure
 
-Progress = Callable[[str, int], None]
+Progress = common.ProgressFn
 """Called as ``progress(run_key, iterations_done)`` every ``eval_every`` iterations of a run."""
-
-
-class RunFolderError(ValueError):
-    """The output folder holds something this run must not resume from or overwrite."""
 
 
 # --------------------------------------------------------------------------- config
@@ -362,9 +357,7 @@ def _validate(job: _Job, solver: SolverConfig, states: Tensor, cfg: CartpoleConf
 
 def _checkpoint(job: _Job, out: Path) -> None:
     """Append the metric rows since the last checkpoint, then save the state atomically."""
-    common.append_csv(out / "jobs" / f"{job.key}.csv", METRIC_FIELDS, job.rows)
-    job.rows.clear()
-    common.save_checkpoint(out / "ckpt" / f"{job.key}.pt", _job_state(job))
+    common.save_job(out, job.key, METRIC_FIELDS, job.rows, _job_state(job))
 
 
 def _resume_or_start(
@@ -516,20 +509,13 @@ def run_job(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) one run to ``cfg.n_iter`` iterations and write its results."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    # Waits for a worker orphaned by a killed run to notice and exit (see _worker_progress).
     key = run_key(latent_dim, tau, seed)
-    lock = common.lock_file(out / "ckpt" / f"{key}.lock", blocking=True)
-    try:
-        with lock:
-            job = _resume_or_start(cfg, out, latent_dim, tau, seed)
-            _train(job, cfg, out, progress)
-            result = _final_outputs(job, cfg, out)
-            common.atomic_write_json(out / "jobs" / f"{key}.json", result)
-        return result
-    finally:
-        torch.set_num_threads(threads)
+    with common.job_slot(out, key):
+        job = _resume_or_start(cfg, out, latent_dim, tau, seed)
+        _train(job, cfg, out, progress)
+        result = _final_outputs(job, cfg, out)
+        common.atomic_write_json(out / "jobs" / f"{key}.json", result)
+    return result
 
 
 # --------------------------------------------------------------------------- the expert
@@ -592,41 +578,11 @@ def _expert(cfg: CartpoleConfig, out: Path) -> dict[str, Any]:
 
 def check_out_folder(out: Path, cfg: CartpoleConfig) -> None:
     """Raise :class:`RunFolderError` unless ``out`` is new, empty, or a cartpole run of ``cfg``."""
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"{out} exists and is not a folder")
-    if not out.exists() or not [p for p in out.iterdir() if p.name != ".lock"]:
-        return
-    record_path = out / "config.json"
-    if not record_path.is_file():
-        raise RunFolderError(f"{out} is not empty and holds no config.json; choose another folder")
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise RunFolderError(f"{record_path} is unreadable ({err}); choose another folder") from err
-    if record.get("experiment") != EXPERIMENT:
-        raise RunFolderError(
-            f"{out} holds results of experiment {record.get('experiment')!r}, not {EXPERIMENT!r}"
-        )
-    old, new = record.get("config", {}), cfg.to_json()
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if diff:
-        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:3])
-        raise RunFolderError(f"{out} holds a cartpole run with a different config ({detail})")
+    common.check_out_folder(out, EXPERIMENT, cfg.to_json())
 
 
 def _job_done(out: Path, key: str) -> bool:
-    path = out / "jobs" / f"{key}.json"
-    if not (path.is_file() and (out / "jobs" / f"{key}.npz").is_file()):
-        return False
-    try:
-        return "best_val_cost" in json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-
-
-def _checkpointed(out: Path, key: str) -> int:
-    path = out / "ckpt" / f"{key}.pt"
-    return int(common.load_checkpoint(path)["iteration"]) if path.exists() else 0
+    return common.job_done(out, key, lambda result: "best_val_cost" in result)
 
 
 def run(
@@ -667,41 +623,19 @@ def _run_pending(
     cfg: CartpoleConfig, out: Path, pending: list[tuple[int, float, int]], workers: int,
     show: bool,
 ) -> None:  # fmt: skip
-    done = {run_key(*r): _checkpointed(out, run_key(*r)) for r in pending}
+    done = {run_key(*r): common.checkpointed(out, run_key(*r), "iteration") for r in pending}
     with _Progress(done, cfg.n_iter * len(pending), show) as advance:
-        if workers == 1:
-            for r in pending:
-                _log_result(run_job(cfg, out, *r, progress=advance))
-        else:
-            _run_pool(cfg, out, pending, min(workers, len(pending)), advance)
+        common.run_jobs(
+            functools.partial(run_job, cfg, out), pending, workers, advance, _log_result
+        )
 
 
-class _Progress:
-    """One tqdm bar over all runs on a terminal; otherwise a log line every ``log_every`` s."""
-
-    def __init__(self, done: dict[str, int], total: int, show: bool, log_every: float = 60.0):
-        from tqdm.auto import tqdm
-
-        self.done, self.total, self.log_every = done, total, log_every
-        self.bar = tqdm(
-            total=total, initial=sum(done.values()), unit="it", disable=None if show else True,
-            desc=f"{EXPERIMENT} ({len(done)} runs)", dynamic_ncols=True,
-        )  # fmt: skip
-        self.log_now = show and self.bar.disable
-        self.last_log = time.monotonic()
-
-    def __call__(self, key: str, iterations: int) -> None:
-        self.bar.update(iterations - self.done[key])
-        self.done[key] = iterations
-        if self.log_now and time.monotonic() - self.last_log >= self.log_every:
-            self.last_log = time.monotonic()
-            log.info("%s: %d / %d iterations", EXPERIMENT, sum(self.done.values()), self.total)
-
-    def __enter__(self) -> _Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.close()
+# ``_Progress(done, total, show, log_every=60.0)``: one tqdm bar over all runs on a terminal,
+# otherwise a log line "cartpole: {done} / {total} iterations" every ``log_every`` seconds.
+_Progress = functools.partial(
+    common.RunProgress, experiment=EXPERIMENT, unit="iterations", bar_unit="it", job_noun="runs",
+    logger=log,
+)  # fmt: skip
 
 
 def _log_result(result: dict[str, Any]) -> None:
@@ -710,56 +644,6 @@ def _log_result(result: dict[str, Any]) -> None:
         run_key(result["latent_dim"], result["tau"], result["seed"]), result["best_val_cost"],
         result["best_iteration"], result["seconds_per_iteration"],
     )  # fmt: skip
-
-
-# Worker-process side of the pool: the progress queue and the parent's pid, set by _init_worker.
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(progress_queue: Any, parent_pid: int) -> None:
-    _WORKER.update(queue=progress_queue, parent=parent_pid)
-
-
-def _worker_progress(key: str, iterations: int) -> None:
-    if os.getppid() != _WORKER["parent"]:  # the parent died (e.g. SIGKILL): stop, don't race
-        os._exit(1)
-    _WORKER["queue"].put((key, iterations))
-
-
-def _worker_job(cfg: CartpoleConfig, out: Path, d: int, tau: float, seed: int) -> dict[str, Any]:
-    return run_job(cfg, out, d, tau, seed, _worker_progress)
-
-
-def _run_pool(
-    cfg: CartpoleConfig, out: Path, pending: list[tuple[int, float, int]], workers: int,
-    advance: Progress,
-) -> None:  # fmt: skip
-    ctx = mp.get_context("spawn")
-    progress_queue = ctx.Queue()
-    with cf.ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_init_worker, initargs=(progress_queue, os.getpid())
-    ) as pool:
-        futures = {pool.submit(_worker_job, cfg, out, *r) for r in pending}
-        try:
-            while futures:
-                _drain(progress_queue, advance, timeout=0.2)
-                finished = {f for f in futures if f.done()}
-                for future in finished:
-                    _log_result(future.result())
-                futures -= finished
-            _drain(progress_queue, advance, timeout=0.0)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-
-
-def _drain(progress_queue: Any, advance: Progress, timeout: float) -> None:
-    try:
-        advance(*progress_queue.get(timeout=timeout) if timeout else progress_queue.get_nowait())
-        while True:
-            advance(*progress_queue.get_nowait())
-    except queue.Empty:
-        pass
 
 
 # --------------------------------------------------------------------------- results

@@ -10,22 +10,32 @@
 - The resolved config record (:func:`run_record`) with the seed(s) and the git commit.
 - :func:`seed_everything`, CSV append/read/truncate, a folder lock, and the Student-t 95%
   confidence interval (:func:`mean_ci95`) used for the seed bands in the figures.
+- The run machinery of the experiments: :func:`check_out_folder` (refuse a folder holding
+  another experiment or config), :func:`job_done` / :func:`checkpointed` (what is left to do),
+  :func:`job_slot` / :func:`save_job` (one job's lock and checkpoints), :class:`RunProgress`
+  (a bar or sparse log lines) and :func:`run_jobs` (in this process or in a pool of spawned
+  workers that report progress through a queue).
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import csv
 import hashlib
 import io
 import json
+import logging
 import math
+import multiprocessing as mp
 import os
 import platform
+import queue
 import random
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,18 +45,27 @@ import torch
 __all__ = [
     "CheckpointError",
     "FolderLockedError",
+    "ProgressFn",
+    "RunFolderError",
+    "RunProgress",
     "append_csv",
     "atomic_open",
     "atomic_write_json",
     "atomic_write_text",
+    "check_out_folder",
+    "checkpointed",
     "git_commit",
+    "job_done",
+    "job_slot",
     "load_checkpoint",
     "lock_file",
     "lock_folder",
     "mean_ci95",
     "read_csv",
+    "run_jobs",
     "run_record",
     "save_checkpoint",
+    "save_job",
     "seed_everything",
     "t_quantile",
     "truncate_csv",
@@ -323,3 +342,198 @@ def mean_ci95(values: Any, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
         return mean, np.full_like(mean, np.nan)
     half = t_quantile(0.975, n - 1) * arr.std(axis=axis, ddof=1) / math.sqrt(n)
     return mean, np.asarray(half)
+
+
+# --------------------------------------------------------------------------- run folders and jobs
+
+
+class RunFolderError(ValueError):
+    """The output folder holds something this run must not resume from or overwrite."""
+
+
+def check_out_folder(out: Path, experiment: str, config: Mapping[str, Any]) -> None:
+    """Raise :class:`RunFolderError` unless ``out`` is new, empty, or a run of ``experiment``.
+
+    ``config``: the resolved config of this run as JSON values (the config's ``to_json()``);
+    a folder whose ``config.json`` records another config is refused, naming up to three of
+    the differing fields. A folder holding only its ``.lock`` counts as empty.
+    """
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{out} exists and is not a folder")
+    if not out.exists() or not [p for p in out.iterdir() if p.name != ".lock"]:
+        return
+    record_path = out / "config.json"
+    if not record_path.is_file():
+        raise RunFolderError(f"{out} is not empty and holds no config.json; choose another folder")
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunFolderError(f"{record_path} is unreadable ({err}); choose another folder") from err
+    if record.get("experiment") != experiment:
+        raise RunFolderError(
+            f"{out} holds results of experiment {record.get('experiment')!r}, not {experiment!r}"
+        )
+    old, new = record.get("config", {}), dict(config)
+    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:3])
+        raise RunFolderError(f"{out} holds a {experiment} run with a different config ({detail})")
+
+
+def job_done(out: Path, key: str, is_result: Callable[[dict[str, Any]], bool]) -> bool:
+    """Whether job ``key`` has finished: ``jobs/{key}.json`` and ``jobs/{key}.npz`` exist and
+    ``is_result`` accepts the JSON (an unreadable file or a ``KeyError`` in it counts as no)."""
+    path = out / "jobs" / f"{key}.json"
+    if not (path.is_file() and (out / "jobs" / f"{key}.npz").is_file()):
+        return False
+    try:
+        return bool(is_result(json.loads(path.read_text(encoding="utf-8"))))
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def checkpointed(out: Path, key: str, counter: str) -> int:
+    """The ``counter`` (e.g. ``"update"``) saved in ``ckpt/{key}.pt``; 0 without a checkpoint."""
+    path = out / "ckpt" / f"{key}.pt"
+    return int(load_checkpoint(path)[counter]) if path.exists() else 0
+
+
+@contextlib.contextmanager
+def job_slot(out: Path, key: str) -> Iterator[None]:
+    """Run the body of job ``key`` with one torch thread, holding ``ckpt/{key}.lock``.
+
+    The lock is waited for: a worker orphaned by a killed run holds it until it notices, at
+    its next progress report (see :func:`run_jobs`), and exits. The previous torch thread
+    count is restored afterwards.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with lock_file(out / "ckpt" / f"{key}.lock", blocking=True):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def save_job(
+    out: Path, key: str, fields: list[str], rows: list[dict[str, Any]], state: Mapping[str, Any]
+) -> None:
+    """Checkpoint job ``key``: append its metric ``rows`` since the last checkpoint to
+    ``jobs/{key}.csv`` and empty the list, then save ``state`` atomically to ``ckpt/{key}.pt``."""
+    append_csv(out / "jobs" / f"{key}.csv", fields, rows)
+    rows.clear()
+    save_checkpoint(out / "ckpt" / f"{key}.pt", state)
+
+
+ProgressFn = Callable[[str, int], None]
+"""Called as ``progress(job_key, units_done)`` while a job trains."""
+
+
+class RunProgress:
+    """Progress over all jobs of a run: one tqdm bar on a terminal, else a log line every
+    ``log_every`` seconds (``"{experiment}: {done} / {total} {unit}"`` on ``logger``).
+
+    ``done``: units each pending job already has (from its checkpoint); ``total``: units of all
+    of them; ``show=False`` shows and logs nothing. Call it as ``progress(key, units_done)``.
+    ``bar_unit`` and ``job_noun`` label the bar (``"upd"``, ``"jobs"``).
+    """
+
+    def __init__(
+        self, done: dict[str, int], total: int, show: bool, *, experiment: str, unit: str,
+        bar_unit: str, job_noun: str, logger: logging.Logger, log_every: float = 60.0,
+    ) -> None:  # fmt: skip
+        from tqdm.auto import tqdm
+
+        self.done, self.total, self.log_every = done, total, log_every
+        self.experiment, self.unit, self.logger = experiment, unit, logger
+        self.bar = tqdm(
+            total=total, initial=sum(done.values()), unit=bar_unit,
+            disable=None if show else True,  # None: disabled when stderr is not a terminal
+            desc=f"{experiment} ({len(done)} {job_noun})", dynamic_ncols=True,
+        )  # fmt: skip
+        self.log_now = show and self.bar.disable
+        self.last_log = time.monotonic()
+
+    def __call__(self, key: str, units: int) -> None:
+        self.bar.update(units - self.done[key])
+        self.done[key] = units
+        if self.log_now and time.monotonic() - self.last_log >= self.log_every:
+            self.last_log = time.monotonic()
+            finished = sum(self.done.values())
+            self.logger.info("%s: %d / %d %s", self.experiment, finished, self.total, self.unit)
+
+    def __enter__(self) -> RunProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
+def run_jobs(
+    job: Callable[..., dict[str, Any]], pending: Sequence[tuple[Any, ...]], workers: int,
+    progress: ProgressFn, on_result: Callable[[dict[str, Any]], None],
+) -> None:  # fmt: skip
+    """Call ``job(*args, progress=...)`` for every ``args`` of ``pending``, in this process
+    (``workers == 1``) or in ``min(workers, len(pending))`` spawned worker processes.
+
+    ``job`` must be picklable (a module-level function or a ``functools.partial`` of one).
+    Workers report progress through a queue that this process feeds to ``progress``; a worker
+    whose parent died exits at its next report. ``on_result`` gets each job's return value
+    as it finishes. An error or interrupt cancels the jobs not yet started and is re-raised.
+    """
+    if workers == 1:
+        for args in pending:
+            on_result(job(*args, progress=progress))
+    else:
+        _run_pool(job, pending, min(workers, len(pending)), progress, on_result)
+
+
+# Worker-process side of the pool: the progress queue and the parent's pid, set by _init_worker.
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(progress_queue: Any, parent_pid: int) -> None:
+    _WORKER.update(queue=progress_queue, parent=parent_pid)
+
+
+def _worker_progress(key: str, units: int) -> None:
+    if os.getppid() != _WORKER["parent"]:  # the parent died (e.g. SIGKILL): stop, don't race
+        os._exit(1)
+    _WORKER["queue"].put((key, units))
+
+
+def _worker_job(job: Callable[..., dict[str, Any]], args: tuple[Any, ...]) -> dict[str, Any]:
+    return job(*args, progress=_worker_progress)
+
+
+def _run_pool(
+    job: Callable[..., dict[str, Any]], pending: Sequence[tuple[Any, ...]], workers: int,
+    progress: ProgressFn, on_result: Callable[[dict[str, Any]], None],
+) -> None:  # fmt: skip
+    ctx = mp.get_context("spawn")
+    progress_queue = ctx.Queue()
+    with cf.ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(progress_queue, os.getpid())
+    ) as pool:
+        futures = {pool.submit(_worker_job, job, args) for args in pending}
+        try:
+            while futures:
+                _drain(progress_queue, progress, timeout=0.2)
+                finished = {f for f in futures if f.done()}
+                for future in finished:
+                    on_result(future.result())
+                futures -= finished
+            _drain(progress_queue, progress, timeout=0.0)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _drain(progress_queue: Any, progress: ProgressFn, timeout: float) -> None:
+    """Feed the queued ``(key, units)`` reports to ``progress``, waiting ``timeout`` s for one."""
+    try:
+        progress(*progress_queue.get(timeout=timeout) if timeout else progress_queue.get_nowait())
+        while True:
+            progress(*progress_queue.get_nowait())
+    except queue.Empty:
+        pass

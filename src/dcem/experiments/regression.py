@@ -28,14 +28,12 @@ its checkpoints and reproduces the numbers of an uninterrupted run exactly.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
+import functools
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
-import queue
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +47,7 @@ from torch import Tensor, nn
 
 import dcem
 from dcem.experiments import common
+from dcem.experiments.common import RunFolderError
 
 __all__ = [
     "EXPERIMENT",
@@ -73,12 +72,8 @@ RELATIVE_COST = {"gd": 1.0, "dcem": 2.5}  # time per update, to start the longes
 METRIC_FIELDS = ["update", "train_mse", "lr"]
 CKPT_VERSION = 1
 
-Progress = Callable[[str, int], None]
+Progress = common.ProgressFn
 """Called as ``progress(job_key, updates_done)`` every ``eval_every`` updates of a job."""
-
-
-class RunFolderError(ValueError):
-    """The output folder holds something this run must not resume from or overwrite."""
 
 
 # --------------------------------------------------------------------------- config
@@ -381,9 +376,7 @@ def _sample_step(job: _Job, data: tuple[Tensor, Tensor], cfg: RegressionConfig) 
 
 def _checkpoint(job: _Job, out: Path) -> None:
     """Append the metric rows since the last checkpoint, then save the state atomically."""
-    common.append_csv(out / "jobs" / f"{job.key}.csv", METRIC_FIELDS, job.rows)
-    job.rows.clear()
-    common.save_checkpoint(out / "ckpt" / f"{job.key}.pt", _job_state(job))
+    common.save_job(out, job.key, METRIC_FIELDS, job.rows, _job_state(job))
 
 
 def _resume_or_start(cfg: RegressionConfig, out: Path, method: str, seed: int) -> _Job:
@@ -458,19 +451,12 @@ def run_job(
     cfg: RegressionConfig, out: Path, method: str, seed: int, progress: Progress | None = None
 ) -> dict[str, Any]:
     """Train (or resume) one job to ``cfg.n_updates`` and write its results; returns them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    # Waits for a worker orphaned by a killed run to notice and exit (see _worker_progress).
-    lock = common.lock_file(out / "ckpt" / f"{job_key(method, seed)}.lock", blocking=True)
-    try:
-        with lock:
-            job = _resume_or_start(cfg, out, method, seed)
-            _train(job, cfg, out, progress)
-            result = _final_outputs(job, cfg, out)
-            common.atomic_write_json(out / "jobs" / f"{job.key}.json", result)
-        return result
-    finally:
-        torch.set_num_threads(threads)
+    with common.job_slot(out, job_key(method, seed)):
+        job = _resume_or_start(cfg, out, method, seed)
+        _train(job, cfg, out, progress)
+        result = _final_outputs(job, cfg, out)
+        common.atomic_write_json(out / "jobs" / f"{job.key}.json", result)
+    return result
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -478,42 +464,11 @@ def run_job(
 
 def check_out_folder(out: Path, cfg: RegressionConfig) -> None:
     """Raise :class:`RunFolderError` unless ``out`` is new, empty, or a run of ``cfg``."""
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"{out} exists and is not a folder")
-    if not out.exists() or not [p for p in out.iterdir() if p.name != ".lock"]:
-        return
-    record_path = out / "config.json"
-    if not record_path.is_file():
-        raise RunFolderError(f"{out} is not empty and holds no config.json; choose another folder")
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise RunFolderError(f"{record_path} is unreadable ({err}); choose another folder") from err
-    if record.get("experiment") != EXPERIMENT:
-        raise RunFolderError(
-            f"{out} holds results of experiment {record.get('experiment')!r}, not {EXPERIMENT!r}"
-        )
-    old, new = record.get("config", {}), cfg.to_json()
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if diff:
-        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:3])
-        raise RunFolderError(f"{out} holds a regression run with a different config ({detail})")
+    common.check_out_folder(out, EXPERIMENT, cfg.to_json())
 
 
 def _job_done(out: Path, method: str, seed: int) -> bool:
-    key = job_key(method, seed)
-    path = out / "jobs" / f"{key}.json"
-    if not (path.is_file() and (out / "jobs" / f"{key}.npz").is_file()):
-        return False
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))["method"] == method
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-def _checkpointed_updates(out: Path, method: str, seed: int) -> int:
-    path = out / "ckpt" / f"{job_key(method, seed)}.pt"
-    return int(common.load_checkpoint(path)["update"]) if path.exists() else 0
+    return common.job_done(out, job_key(method, seed), lambda result: result["method"] == method)
 
 
 def run(
@@ -557,46 +512,19 @@ def _run_pending(
     workers: int,
     show: bool,
 ) -> None:
-    done = {job_key(m, s): _checkpointed_updates(out, m, s) for m, s in pending}
+    done = {job_key(m, s): common.checkpointed(out, job_key(m, s), "update") for m, s in pending}
     with _Progress(done, cfg.n_updates * len(pending), show) as advance:
-        if workers == 1:
-            for method, seed in pending:
-                _log_result(run_job(cfg, out, method, seed, advance))
-        else:
-            _run_pool(cfg, out, pending, min(workers, len(pending)), advance)
-
-
-class _Progress:
-    """One tqdm bar over all jobs on a terminal; otherwise a log line every ``log_every`` s."""
-
-    def __init__(self, done: dict[str, int], total: int, show: bool, log_every: float = 60.0):
-        from tqdm.auto import tqdm
-
-        self.done, self.total, self.log_every = done, total, log_every
-        self.bar = tqdm(
-            total=total,
-            initial=sum(done.values()),
-            unit="upd",
-            disable=None if show else True,  # None: disabled when stderr is not a terminal
-            desc=f"{EXPERIMENT} ({len(done)} jobs)",
-            dynamic_ncols=True,
+        common.run_jobs(
+            functools.partial(run_job, cfg, out), pending, workers, advance, _log_result
         )
-        self.log_now = show and self.bar.disable
-        self.last_log = time.monotonic()
 
-    def __call__(self, key: str, updates: int) -> None:
-        self.bar.update(updates - self.done[key])
-        self.done[key] = updates
-        if self.log_now and time.monotonic() - self.last_log >= self.log_every:
-            self.last_log = time.monotonic()
-            finished = sum(self.done.values())
-            log.info("%s: %d / %d updates", EXPERIMENT, finished, self.total)
 
-    def __enter__(self) -> _Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.close()
+# ``_Progress(done, total, show, log_every=60.0)``: one tqdm bar over all jobs on a terminal,
+# otherwise a log line "regression: {done} / {total} updates" every ``log_every`` seconds.
+_Progress = functools.partial(
+    common.RunProgress, experiment=EXPERIMENT, unit="updates", bar_unit="upd", job_noun="jobs",
+    logger=log,
+)  # fmt: skip
 
 
 def _log_result(result: dict[str, Any]) -> None:
@@ -605,56 +533,6 @@ def _log_result(result: dict[str, Any]) -> None:
         result["method"], result["seed"], result["final_mse"] or math.nan, result["updates"],
         result["ms_per_update"],
     )  # fmt: skip
-
-
-# Worker-process side of the pool: the progress queue and the parent's pid, set by _init_worker.
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(progress_queue: Any, parent_pid: int) -> None:
-    _WORKER.update(queue=progress_queue, parent=parent_pid)
-
-
-def _worker_progress(key: str, updates: int) -> None:
-    if os.getppid() != _WORKER["parent"]:  # the parent died (e.g. SIGKILL): stop, don't race
-        os._exit(1)
-    _WORKER["queue"].put((key, updates))
-
-
-def _worker_job(cfg: RegressionConfig, out: Path, method: str, seed: int) -> dict[str, Any]:
-    return run_job(cfg, out, method, seed, _worker_progress)
-
-
-def _run_pool(
-    cfg: RegressionConfig, out: Path, pending: list[tuple[str, int]], workers: int,
-    advance: Progress,
-) -> None:  # fmt: skip
-    ctx = mp.get_context("spawn")
-    progress_queue = ctx.Queue()
-    with cf.ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_init_worker, initargs=(progress_queue, os.getpid())
-    ) as pool:
-        futures = {pool.submit(_worker_job, cfg, out, m, s) for m, s in pending}
-        try:
-            while futures:
-                _drain(progress_queue, advance, timeout=0.2)
-                finished = {f for f in futures if f.done()}
-                for future in finished:
-                    _log_result(future.result())
-                futures -= finished
-            _drain(progress_queue, advance, timeout=0.0)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-
-
-def _drain(progress_queue: Any, advance: Progress, timeout: float) -> None:
-    try:
-        advance(*progress_queue.get(timeout=timeout) if timeout else progress_queue.get_nowait())
-        while True:
-            advance(*progress_queue.get_nowait())
-    except queue.Empty:
-        pass
 
 
 # --------------------------------------------------------------------------- results
