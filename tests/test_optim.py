@@ -358,3 +358,23 @@ def test_benchmark_runs_tiny(tmp_path) -> None:
     assert modes["checkpoint"]["grad_rel_error"] == 0.0
     assert modes["checkpoint"]["peak_bytes"] < modes["full"]["peak_bytes"]
     assert modes["pruned"]["peak_bytes"] < modes["full"]["peak_bytes"]
+
+
+def test_trace_records_per_iteration_summaries() -> None:
+    p = torch.randn(3, 2, generator=gen(2), dtype=F64)
+    trace = dcem.Trace()
+    seen: list[IterationInfo] = []
+
+    def both(info: IterationInfo) -> None:
+        trace(info)
+        seen.append(info)
+
+    out = dcem.dcem(
+        quadratic(p), torch.zeros(3, 2, dtype=F64), 2.0, n_iter=5, generator=gen(), callback=both
+    )
+    assert len(trace.mu) == len(trace.sigma) == len(trace.mean_cost) == len(trace.elite_cost) == 5
+    assert torch.equal(trace.mu[-1], out.detach())
+    for info, mean, elite in zip(seen, trace.mean_cost, trace.elite_cost, strict=True):
+        assert torch.allclose(mean, info.costs.mean(-1))
+        assert torch.allclose(elite, (info.weights * info.costs).sum(-1) / 10)
+        assert torch.all(elite <= mean)  # the elites are the cheaper samples
