@@ -1,8 +1,12 @@
-"""Benchmark of the world-model CEM planner against its dense-matmul floor; JSON out.
+"""Benchmark of the world-model planners (full CEM, latent DCEM) against their dense-matmul
+floors; JSON out.
 
 One *decision* is one call of ``dcem.world.plan`` for one start state at the paper's sizes
 (horizon 12, 10 iterations, 1000 candidates, 100 elites; RSSM with GRU 200, stochastic 30,
-hidden layers 2 × 200; cheetah's 17-d observations and 6-d actions).
+hidden layers 2 × 200; cheetah's 17-d observations and 6-d actions). A *latent decision* is
+one call of ``dcem.world.plan_latent`` (DCEM over a 2-d latent box, 100 candidates, 10 elites,
+tau = 1, 10 iterations; decoder with 2 hidden layers of 200 ELU units to the 12 × 6 action
+sequence): a tenth of the trajectories.
 
 The *floor* is the time the planner's multiply-accumulates would take at the dense matmul
 throughput measured in the same run (a large square ``torch.mm``, same device, dtype and
@@ -11,6 +15,9 @@ threads). Per imagined transition the planner multiplies through the input layer
 a decision has ``n_sample × horizon × n_iter`` transitions. ``ratio_to_floor`` =
 measured time / floor. For comparison the same rollouts are timed with ``RSSM.imagine`` (a
 plain per-layer PyTorch loop).
+The latent decision's floor counts its transitions and the decoder's multiply-accumulates
+(one decoding per candidate and iteration, and one of the final mean).
+``speedup_latent_vs_cem`` = full CEM decision time / latent DCEM decision time.
 
 Usage: ``python benchmarks/planner.py --out benchmarks/out/planner.json [--tiny]
 [--device cpu|cuda|all] [--threads N]``.
@@ -29,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from dcem.world import RSSM, State, plan
+from dcem.world import RSSM, ActionDecoder, State, plan, plan_latent
 
 
 @dataclass(frozen=True)
@@ -46,12 +53,19 @@ class Config:
     n_iter: int = 10
     n_sample: int = 1000
     n_elite: int = 100
+    latent_dim: int = 2
+    latent_n_sample: int = 100
+    latent_n_elite: int = 10
+    latent_tau: float = 1.0
+    decoder_hidden: int = 200
+    decoder_layers: int = 2
     gemm_size: int = 2048
     repeats: int = 7
 
 
 TINY = Config(deter_size=16, stoch_size=4, hidden_size=16, horizon=3, n_iter=2, n_sample=50,
-              n_elite=5, gemm_size=256, repeats=2)  # fmt: skip
+              n_elite=5, latent_n_sample=10, latent_n_elite=2, decoder_hidden=16, gemm_size=256,
+              repeats=2)  # fmt: skip
 
 
 def macs_per_transition(c: Config) -> int:
@@ -62,6 +76,18 @@ def macs_per_transition(c: Config) -> int:
     prior = c.deter_size * c.hidden_size + hidden_stack + c.hidden_size * 2 * c.stoch_size
     reward = (c.deter_size + c.stoch_size) * c.hidden_size + hidden_stack + c.hidden_size
     return inputs + gru + prior + reward
+
+
+def decoder_macs(c: Config) -> int:
+    """Multiply-accumulates of decoding one latent into a ``horizon × action_size`` sequence."""
+    hidden = c.latent_dim * c.decoder_hidden + (c.decoder_layers - 1) * c.decoder_hidden**2
+    return hidden + c.decoder_hidden * c.horizon * c.action_size
+
+
+def latent_macs_per_decision(c: Config) -> int:
+    """Transitions and decodings of one latent DCEM decision (plus decoding the final mean)."""
+    per_candidate = c.horizon * macs_per_transition(c) + decoder_macs(c)
+    return c.n_iter * c.latent_n_sample * per_candidate + decoder_macs(c)
 
 
 def _timed(fn, device: torch.device) -> float:
@@ -100,11 +126,18 @@ def bench_device(c: Config, device: torch.device, dtype: torch.dtype) -> dict:
     sizes = (c.deter_size, c.stoch_size, c.stoch_size, c.stoch_size)
     state = State(*(torch.randn(1, n, device=device, dtype=dtype, generator=g) for n in sizes))
     start = State(*(x.expand(c.n_sample, -1) for x in state))
+    decoder = ActionDecoder(c.latent_dim, c.action_size, horizon=c.horizon,
+                            hidden=c.decoder_hidden, n_layers=c.decoder_layers)  # fmt: skip
+    decoder = decoder.to(device, dtype)
     actions = torch.randn(c.horizon, c.n_sample, c.action_size, device=device, dtype=dtype)
 
     def decide() -> None:
         plan(model, state, horizon=c.horizon, n_iter=c.n_iter, n_sample=c.n_sample,
              n_elite=c.n_elite, generator=g)  # fmt: skip
+
+    def decide_latent() -> None:
+        plan_latent(model, decoder, state, n_iter=c.n_iter, n_sample=c.latent_n_sample,
+                    n_elite=c.latent_n_elite, tau=c.latent_tau, generator=g)  # fmt: skip
 
     @torch.no_grad()
     def plain() -> None:  # the rollouts of one decision with the per-layer loop
@@ -113,12 +146,18 @@ def bench_device(c: Config, device: torch.device, dtype: torch.dtype) -> dict:
 
     gemm = gemm_flops_per_s(c, device, dtype)
     decide()  # warm-up
+    decide_latent()
     plain()
-    runs = [(_timed(decide, device), _timed(plain, device), gemm()) for _ in range(c.repeats)]
-    times, plain_times, flops = (list(x) for x in zip(*runs, strict=True))
+    runs = [
+        (_timed(decide, device), _timed(decide_latent, device), _timed(plain, device), gemm())
+        for _ in range(c.repeats)
+    ]
+    times, latent_times, plain_times, flops = (list(x) for x in zip(*runs, strict=True))
     macs = macs_per_transition(c) * c.n_sample * c.horizon * c.n_iter
     floor = 2 * macs / max(flops)
     best = min(times)
+    latent_macs = latent_macs_per_decision(c)
+    latent_floor, latent_best = 2 * latent_macs / max(flops), min(latent_times)
     return {
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -138,6 +177,21 @@ def bench_device(c: Config, device: torch.device, dtype: torch.dtype) -> dict:
         "plain_ratio_to_floor": min(plain_times) / floor,
         "plain_ratio_to_floor_paired_median": statistics.median(
             t * f / (2 * macs) for t, f in zip(plain_times, flops, strict=True)
+        ),
+        "trajectories_per_decision": c.n_sample * c.n_iter,
+        "latent_trajectories_per_decision": c.latent_n_sample * c.n_iter,
+        "latent_decisions_per_s": 1.0 / latent_best,
+        "latent_s_per_decision": latent_best,
+        "latent_s_per_decision_median": statistics.median(latent_times),
+        "latent_macs_per_decision": latent_macs,
+        "latent_floor_s_per_decision": latent_floor,
+        "latent_ratio_to_floor": latent_best / latent_floor,
+        "latent_ratio_to_floor_paired_median": statistics.median(
+            t * f / (2 * latent_macs) for t, f in zip(latent_times, flops, strict=True)
+        ),
+        "speedup_latent_vs_cem": best / latent_best,
+        "speedup_latent_vs_cem_paired_median": statistics.median(
+            t / lt for t, lt in zip(times, latent_times, strict=True)
         ),
     }
 
@@ -166,7 +220,11 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "python": sys.version.split()[0],
-        "config": {**asdict(config), "macs_per_transition": macs_per_transition(config)},
+        "config": {
+            **asdict(config),
+            "macs_per_transition": macs_per_transition(config),
+            "decoder_macs": decoder_macs(config),
+        },
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +235,13 @@ def main(argv: list[str] | None = None) -> None:
             f"({r['s_per_decision']:.3f} s; floor {r['floor_s_per_decision']:.3f} s; "
             f"ratio {r['ratio_to_floor']:.2f}, paired median "
             f"{r['ratio_to_floor_paired_median']:.2f}; plain loop {r['plain_ratio_to_floor']:.2f}, "
-            f"{r['plain_ratio_to_floor_paired_median']:.2f})"
+            f"{r['plain_ratio_to_floor_paired_median']:.2f})\n"
+            f"{r['device']} latent DCEM: {r['latent_decisions_per_s']:.3f} decisions/s "
+            f"({r['latent_s_per_decision']:.3f} s; floor {r['latent_floor_s_per_decision']:.3f} s; "
+            f"ratio {r['latent_ratio_to_floor']:.2f}, paired median "
+            f"{r['latent_ratio_to_floor_paired_median']:.2f}); speedup over CEM "
+            f"{r['speedup_latent_vs_cem']:.2f}, paired median "
+            f"{r['speedup_latent_vs_cem_paired_median']:.2f}"
         )
 
 

@@ -362,8 +362,19 @@ def test_planner_benchmark_tiny(tmp_path):
     (cpu,) = [r for r in result["results"] if r["device"] == "cpu"]
     for key in ("decisions_per_s", "s_per_decision", "floor_s_per_decision", "ratio_to_floor"):
         assert cpu[key] > 0, key
-    assert cpu["macs_per_decision"] == result["config"]["macs_per_transition"] * (
-        result["config"]["n_sample"] * result["config"]["horizon"] * result["config"]["n_iter"]
+    config = result["config"]
+    assert cpu["macs_per_decision"] == config["macs_per_transition"] * (
+        config["n_sample"] * config["horizon"] * config["n_iter"]
+    )
+    for key in ("latent_decisions_per_s", "latent_floor_s_per_decision", "latent_ratio_to_floor",
+                "speedup_latent_vs_cem", "speedup_latent_vs_cem_paired_median"):  # fmt: skip
+        assert cpu[key] > 0, key
+    per_candidate = config["horizon"] * config["macs_per_transition"] + config["decoder_macs"]
+    assert cpu["latent_macs_per_decision"] == (
+        config["n_iter"] * config["latent_n_sample"] * per_candidate + config["decoder_macs"]
+    )
+    assert cpu["speedup_latent_vs_cem"] == pytest.approx(
+        cpu["s_per_decision"] / cpu["latent_s_per_decision"]
     )
 
 

@@ -4,6 +4,10 @@ argument errors."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,6 +22,7 @@ from dcem.world import (
 )
 from test_world import peaked_model
 
+ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
 SMALL = dict(n_sample=20, n_elite=4, n_iter=3)
 
@@ -243,3 +248,16 @@ def test_bad_states_decoders_and_latents():
     for name in ("latent_dim", "action_size", "latent_bound"):
         with pytest.raises(ValueError, match=name):
             ActionDecoder(**{"latent_dim": 2, "action_size": 2, name: 0})
+
+
+# ----------------------------------------------------------------------------- benchmark
+def test_benchmark_counts_every_decoder_weight_once(monkeypatch):
+    path = ROOT / "benchmarks" / "planner.py"
+    spec = importlib.util.spec_from_file_location("planner_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "planner_bench", bench)  # dataclasses look the module up
+    spec.loader.exec_module(bench)
+    config = bench.Config(latent_dim=3, decoder_hidden=7, decoder_layers=3, horizon=5)
+    decoder = ActionDecoder(3, config.action_size, horizon=5, hidden=7, n_layers=3)
+    weights = [p for name, p in decoder.named_parameters() if "weight" in name]
+    assert bench.decoder_macs(config) == sum(p.numel() for p in weights)
