@@ -4,6 +4,8 @@
                     [--workers N] [--plot-only]
     dcem cartpole [--quick | --grid] [--out DIR] [--latent-dims 2,8,16] [--taus 1,0.1,0]
                   [--seeds 0,1,2] [--iterations N] [--horizon H] [--workers N] [--plot-only]
+    dcem dmc train [--quick] [--out DIR] [--task cheetah-run] [--planner cem] [--CONFIG-FIELD V]
+    dcem dmc eval RUN_DIR [RUN_DIR ...] [--episodes N] [--planner cem] [--video]
 
 Each subcommand is one entry of ``_COMMANDS``: a function adding its options to a subparser
 and a function running it. Bad option values exit with status 2 and a one-line message naming
@@ -271,6 +273,100 @@ def _run_cartpole(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return 0
 
 
+# --------------------------------------------------------------------------- dmc
+
+
+def _add_dmc(parser: argparse.ArgumentParser) -> None:
+    from dcem.experiments import dmc
+
+    sub = parser.add_subparsers(dest="dmc_command", required=True, metavar="ACTION")
+    train = sub.add_parser("train", help="train a world model and planner (Algorithm 3)")
+    train.add_argument("--out", type=Path, default=None, help="run folder (resumed if it holds "
+                       "an unfinished run of the same config; default: runs/dmc/TASK-PLANNER-"
+                       "seedN[-quick])")  # fmt: skip
+    train.add_argument("--quick", action="store_true", help="tiny sizes and budget exercising "
+                       "every step (the smoke test)")  # fmt: skip
+    for f in dataclasses.fields(dmc.DMCConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            train.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=f.metadata["help"] + f" (default: {f.default})")  # fmt: skip
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        train.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
+                           help=f.metadata["help"] + f" (default: {f.default})")  # fmt: skip
+    evaluate = sub.add_parser("eval", help="evaluate a run's latest checkpoint; returns to JSON")
+    evaluate.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="run folder(s)")
+    evaluate.add_argument("--episodes", type=_positive_int, default=10, help="evaluation "
+                          "episodes per run (default: %(default)s)")  # fmt: skip
+    evaluate.add_argument("--planner", choices=dmc.PLANNERS, default="cem",
+                          help="planner to act with (default: %(default)s)")  # fmt: skip
+    evaluate.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    evaluate.add_argument("--video", action="store_true", help="also render eval-PLANNER.gif")
+
+
+def _dmc_config(args: argparse.Namespace) -> Any:
+    from dcem.experiments import dmc
+
+    values: dict[str, Any] = dict(dmc.QUICK) if args.quick else {}
+    for f in dataclasses.fields(dmc.DMCConfig):
+        if getattr(args, f.name, None) is not None:
+            values[f.name] = getattr(args, f.name)
+    return dmc.DMCConfig(**values)
+
+
+def _choose_gl_backend() -> None:
+    """Set ``MUJOCO_GL`` for offscreen rendering when the user has not: EGL, else OSMesa.
+
+    Must run before ``dm_control`` is first imported. Without either library it stays unset
+    and the video is skipped with one log line.
+    """
+    import ctypes.util
+    import os
+
+    if "MUJOCO_GL" in os.environ:
+        return
+    for backend, library in (("egl", "EGL"), ("osmesa", "OSMesa")):
+        if ctypes.util.find_library(library):
+            os.environ["MUJOCO_GL"] = backend
+            return
+
+
+def _run_dmc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+
+    from dcem.experiments import common, dmc
+
+    _choose_gl_backend()
+
+    if args.dmc_command == "eval":
+        records = []
+        for run in args.runs:
+            try:
+                records.append(dmc.evaluate(run, episodes=args.episodes, planner=args.planner,
+                                            device=args.device, video=args.video))  # fmt: skip
+            except (dmc.RunFolderError, common.CheckpointError, ValueError) as err:
+                parser.error(f"argument RUN_DIR: {err}")
+        print(json.dumps(records if len(records) > 1 else records[0], indent=2))
+        return 0
+    try:
+        cfg = _dmc_config(args)
+    except ValueError as err:
+        parser.error(f"invalid options: {err}")
+    out = args.out or Path(
+        f"runs/dmc/{cfg.task}-{cfg.planner}-seed{cfg.seed}" + ("-quick" if args.quick else "")
+    )
+    try:
+        summary = dmc.train(cfg, out)
+    except (dmc.RunFolderError, common.FolderLockedError, common.CheckpointError) as err:
+        parser.error(f"argument --out: {err}")
+    log.info(
+        "final evaluation return %s after %d env steps (%.0f s); results in %s",
+        summary["final_eval_return"], summary["env_steps"], summary["wall_seconds"], out,
+    )  # fmt: skip
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 _COMMANDS: dict[str, tuple[str, Callable[..., None], Callable[..., int]]] = {
@@ -283,6 +379,11 @@ _COMMANDS: dict[str, tuple[str, Callable[..., None], Callable[..., int]]] = {
         "embedding the cartpole action space with DCEM (paper §5.2.1, figs 3, 5, 9, 10)",
         _add_cartpole,
         _run_cartpole,
+    ),
+    "dmc": (
+        "DeepMind Control from proprioception: PlaNet world model + CEM planner (paper §5.2.2)",
+        _add_dmc,
+        _run_dmc,
     ),
 }
 

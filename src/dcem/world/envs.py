@@ -114,8 +114,14 @@ class DMCEnv:
         self.max_agent_steps = math.ceil(episode_steps / repeat)
         self._steps = 0
 
-    def reset(self) -> np.ndarray:
-        """Start an episode; returns the first observation ``(obs_size,)`` float32."""
+    def reset(self, *, seed: int | None = None) -> np.ndarray:
+        """Start an episode; returns the first observation ``(obs_size,)`` float32.
+
+        ``seed`` re-seeds the task's random state first (the initial state of the episode
+        depends on it alone), so an episode can be replayed, e.g. after resuming a run.
+        """
+        if seed is not None:
+            self._env.task.random.seed(seed)
         self._steps = 0
         return flatten_observation(self._env.reset().observation, self.obs_keys)
 
@@ -142,6 +148,16 @@ class DMCEnv:
             if done:
                 break
         return flatten_observation(time_step.observation, self.obs_keys), reward, done
+
+    @property
+    def steps(self) -> int:
+        """Environment steps taken in the current episode."""
+        return self._steps
+
+    @property
+    def agent_step_seconds(self) -> float:
+        """Simulated seconds per agent step (``action_repeat`` control steps)."""
+        return float(self._env.control_timestep()) * self.action_repeat
 
     def close(self) -> None:
         """Release the simulator (and any rendering context)."""

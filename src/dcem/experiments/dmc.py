@@ -1,0 +1,627 @@
+"""DeepMind Control from proprioception with a PlaNet world model (paper §5.2.2, Algorithm 3).
+
+Phase 1 of Algorithm 3: ``seed_episodes`` episodes of uniformly random actions fill the replay;
+then every episode acts with the CEM planner (``dcem.world.plan``) in the learned RSSM plus
+Gaussian exploration noise, filtering the belief with each observation, while the model is
+trained on PlaNet's bound every ``update_every`` environment steps (``updates_per_round``
+Adam updates on batches of ``batch_size`` sequences of ``seq_len`` steps). Every
+``eval_every`` environment steps ``eval_episodes`` episodes run without noise and without
+being stored.
+
+Run folder (``out``)::
+
+    config.json        resolved config, git commit, library versions
+    metrics.csv        env_step, episode, phase (seed/train/eval), return, loss terms, updates,
+                       wall_seconds: one row per episode
+    summary.json       final and best evaluation returns, counts, timings
+    ckpt/latest.pt     model, optimizer, replay, generators and counters (state_dicts and
+                       tensors only), written atomically after every episode
+    training.png       the paper's phase-1 layout: episode reward, obs, reward and KL loss
+    eval.gif           one evaluation episode rendered offscreen (when a GL backend works)
+    eval/{planner}.json  returns written by ``dcem dmc eval``
+
+A killed run resumes from ``ckpt/latest.pt`` when the same command is run again. Episodes are
+seeded by their index and the planner's generator is in the checkpoint, so a resumed run
+repeats the episode that was cut off exactly as it would have gone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dcem.experiments import common
+from dcem.experiments.common import CheckpointError, RunFolderError
+from dcem.world import (
+    RSSM,
+    TASKS,
+    DMCEnv,
+    RenderUnavailableError,
+    ReplayBuffer,
+    State,
+    make_env,
+    plan,
+    task_spec,
+)
+
+__all__ = [
+    "EXPERIMENT",
+    "METRIC_FIELDS",
+    "PLANNERS",
+    "CheckpointError",
+    "DMCConfig",
+    "RunFolderError",
+    "evaluate",
+    "load_config",
+    "plot",
+    "train",
+]
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "dmc"
+PLANNERS = ("cem",)
+CKPT_VERSION = 1
+METRIC_FIELDS = [
+    "env_step", "episode", "phase", "return", "obs_loss", "reward_loss", "kl_loss", "kl_raw",
+    "updates", "wall_seconds",
+]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _doc(text: str) -> Any:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class DMCConfig:
+    """Resolved settings of one training run; defaults are the paper's (PlaNet's) values."""
+
+    task: str = field(default="cheetah-run", metadata=_doc("control-suite task"))
+    planner: str = field(default="cem", metadata=_doc("planner used to act: cem"))
+    seed: int = field(default=0, metadata=_doc("seed of episodes, model init and planner"))
+    env_steps: int = field(default=1_000_000, metadata=_doc("environment steps to train for"))
+    action_repeat: int = field(default=0, metadata=_doc("0: the task's PlaNet value"))
+    episode_steps: int = field(default=1000, metadata=_doc("environment steps per episode"))
+    seed_episodes: int = field(default=5, metadata=_doc("random-action episodes first"))
+    update_every: int = field(default=1000, metadata=_doc("env steps between model rounds"))
+    updates_per_round: int = field(default=100, metadata=_doc("model updates per round"))
+    batch_size: int = field(default=50, metadata=_doc("sequences per model batch"))
+    seq_len: int = field(default=50, metadata=_doc("steps per sequence"))
+    lr: float = field(default=1e-3, metadata=_doc("Adam learning rate"))
+    adam_eps: float = field(default=1e-4, metadata=_doc("Adam epsilon"))
+    grad_clip: float = field(default=1000.0, metadata=_doc("gradient-norm clip"))
+    free_nats: float = field(default=3.0, metadata=_doc("KL free nats"))
+    deter_size: int = field(default=200, metadata=_doc("GRU units"))
+    stoch_size: int = field(default=30, metadata=_doc("stochastic state size"))
+    hidden_size: int = field(default=200, metadata=_doc("units of every other layer"))
+    horizon: int = field(default=12, metadata=_doc("planning horizon (agent steps)"))
+    plan_iter: int = field(default=10, metadata=_doc("CEM iterations per decision"))
+    plan_samples: int = field(default=1000, metadata=_doc("CEM candidates per iteration"))
+    plan_elites: int = field(default=100, metadata=_doc("CEM elites per iteration"))
+    explore_noise: float = field(default=0.3, metadata=_doc("std of the exploration noise"))
+    eval_every: int = field(default=10_000, metadata=_doc("env steps between evaluations"))
+    eval_episodes: int = field(default=1, metadata=_doc("episodes per evaluation"))
+    video: bool = field(default=True, metadata=_doc("render eval.gif at the end"))
+    device: str = field(default="cpu", metadata=_doc("torch device of model and planner"))
+
+    def __post_init__(self) -> None:
+        task_spec(self.task)  # unknown names raise, listing the known ones
+        if self.planner not in PLANNERS:
+            raise ValueError(f"planner must be one of {', '.join(PLANNERS)}, got {self.planner!r}")
+        for name in ("env_steps", "episode_steps", "update_every", "updates_per_round",
+                     "batch_size", "seq_len", "deter_size", "stoch_size", "hidden_size",
+                     "horizon", "plan_iter", "plan_samples", "plan_elites", "eval_every",
+                     "eval_episodes"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("action_repeat", "seed_episodes", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "adam_eps", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.free_nats < 0 or self.explore_noise < 0:
+            raise ValueError(
+                f"free_nats and explore_noise must be >= 0, got {self.free_nats}, "
+                f"{self.explore_noise}"
+            )
+        if self.plan_elites >= self.plan_samples:
+            raise ValueError(
+                f"plan_elites must be < plan_samples, got {self.plan_elites} >= {self.plan_samples}"
+            )
+        if self.seq_len > self.agent_steps_per_episode + 1:
+            raise ValueError(
+                f"seq_len must be at most the {self.agent_steps_per_episode + 1} rows of an "
+                f"episode, got {self.seq_len}"
+            )
+        try:
+            torch.device(self.device)
+        except RuntimeError as err:
+            raise ValueError(f"device: {err}") from None
+
+    @property
+    def repeat(self) -> int:
+        """The action repeat in force (the task's PlaNet value when ``action_repeat`` is 0)."""
+        return self.action_repeat or task_spec(self.task).action_repeat
+
+    @property
+    def agent_steps_per_episode(self) -> int:
+        return math.ceil(self.episode_steps / self.repeat)
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as JSON values, ``device`` left out (a run may move between devices)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "device"}
+
+
+QUICK = {
+    "env_steps": 600, "episode_steps": 200, "seed_episodes": 1, "update_every": 100,
+    "updates_per_round": 3, "batch_size": 4, "seq_len": 8, "deter_size": 16, "stoch_size": 4,
+    "hidden_size": 16, "horizon": 3, "plan_iter": 2, "plan_samples": 20, "plan_elites": 4,
+    "eval_every": 400, "eval_episodes": 1,
+}  # fmt: skip
+"""Tiny budget exercising every step (the smoke test; ``dcem dmc train --quick``)."""
+
+
+def load_config(out: Path, **overrides: Any) -> DMCConfig:
+    """The config recorded in ``out/config.json`` (with ``overrides``, e.g. the device)."""
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        raise RunFolderError(f"{out} has no config.json: not a dcem dmc run folder")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record.get("experiment") != EXPERIMENT:
+        raise RunFolderError(f"{out} holds a {record.get('experiment')!r} run, not a dmc run")
+    return DMCConfig(**{**record["config"], **overrides})
+
+
+# --------------------------------------------------------------------------- agent
+
+
+def _seed(*words: int) -> int:
+    """A 31-bit seed derived from ``words`` (run seed, stream, index)."""
+    return int(np.random.SeedSequence(list(words)).generate_state(1)[0] >> 1)
+
+
+TRAIN_STREAM, EVAL_STREAM, MODEL_STREAM = 1, 2, 3
+
+
+class Agent:
+    """The world model, its optimizer, the replay and the planner's generator of one run."""
+
+    def __init__(self, cfg: DMCConfig, env: DMCEnv) -> None:
+        self.cfg, self.device = cfg, torch.device(cfg.device)
+        torch.manual_seed(_seed(cfg.seed, MODEL_STREAM))
+        self.model = RSSM(
+            env.obs_size, env.action_size, deter_size=cfg.deter_size,
+            stoch_size=cfg.stoch_size, hidden_size=cfg.hidden_size,
+        ).to(self.device)  # fmt: skip
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+        self.replay = ReplayBuffer(env.obs_size, env.action_size, seed=_seed(cfg.seed, 0))
+        self.generator = torch.Generator(self.device).manual_seed(_seed(cfg.seed, TRAIN_STREAM))
+        self.low = torch.as_tensor(env.action_low, device=self.device)
+        self.high = torch.as_tensor(env.action_high, device=self.device)
+        self.counters = {"episode": 0, "env_step": 0, "updates": 0, "evals": 0}
+        self.wall_seconds = 0.0
+
+    # ---------------------------------------------------------------- acting
+    @torch.no_grad()
+    def act(
+        self, belief: State, prev_action: Tensor, obs: np.ndarray, *, explore: bool,
+        generator: torch.Generator,
+    ) -> tuple[State, Tensor]:  # fmt: skip
+        """Filter the belief with ``obs`` and plan: returns the new belief and action ``(a,)``."""
+        obs_t = torch.as_tensor(obs, device=self.device)[None]
+        belief = self.model.belief(belief, prev_action[None], obs_t, generator=generator)
+        action = plan(
+            self.model, belief, action_low=self.low, action_high=self.high,
+            horizon=self.cfg.horizon, n_iter=self.cfg.plan_iter, n_sample=self.cfg.plan_samples,
+            n_elite=self.cfg.plan_elites, generator=generator,
+        )[0]  # fmt: skip
+        if explore and self.cfg.explore_noise > 0:
+            noise = torch.randn(action.shape, generator=generator, device=self.device)
+            action = torch.maximum(torch.minimum(action + self.cfg.explore_noise * noise,
+                                                 self.high), self.low)  # fmt: skip
+        return belief, action
+
+    def random_action(self) -> Tensor:
+        u = torch.rand(self.low.shape, generator=self.generator, device=self.device)
+        return self.low + (self.high - self.low) * u
+
+    # -------------------------------------------------------------- learning
+    def update(self, n: int) -> dict[str, float]:
+        """``n`` Adam updates of the model on replay batches; the mean of each loss term."""
+        totals = dict.fromkeys(("obs_loss", "reward_loss", "kl_loss", "kl_raw"), 0.0)
+        cfg = self.cfg
+        for _ in range(n):
+            batch = self.replay.sample(cfg.batch_size, cfg.seq_len)
+            obs, actions, rewards = (torch.as_tensor(batch[k], device=self.device)
+                                     for k in ("obs", "action", "reward"))  # fmt: skip
+            terms = self.model.loss(
+                obs, actions, rewards, free_nats=cfg.free_nats, generator=self.generator
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            values = torch.stack([terms.obs, terms.reward, terms.kl, terms.kl_raw]).tolist()
+            for key, value in zip(totals, values, strict=True):
+                totals[key] += value / n
+        self.counters["updates"] += n
+        return totals
+
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        replay = {k: torch.from_numpy(v) for k, v in self.replay.state_dict().items()}
+        return {
+            "version": CKPT_VERSION, "task": self.cfg.task, "config": self.cfg.to_json(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "replay": replay, "generator": self.generator.get_state(),
+            "counters": dict(self.counters), "wall_seconds": self.wall_seconds,
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
+        """Restore a checkpoint; refuses one of another task, config or format version."""
+        if state.get("version") != CKPT_VERSION:
+            raise CheckpointError(f"{path} has format version {state.get('version')!r}, "
+                                  f"expected {CKPT_VERSION}")  # fmt: skip
+        if state.get("task") != self.cfg.task:
+            raise CheckpointError(
+                f"{path} is a checkpoint of task {state.get('task')!r}, not {self.cfg.task!r}"
+            )
+        old, new = state.get("config", {}), self.cfg.to_json()
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if diff:
+            detail = ", ".join(f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in diff[:3])
+            raise CheckpointError(f"{path} was written with another config ({detail})")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.replay.load_state_dict({k: v.numpy() for k, v in state["replay"].items()})
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"{path} does not fit this model: {err}") from err
+        self.generator.set_state(state["generator"])
+        self.counters = {k: int(v) for k, v in state["counters"].items()}
+        self.wall_seconds = float(state["wall_seconds"])
+
+
+# --------------------------------------------------------------------------- episodes
+
+
+def run_episode(
+    agent: Agent, env: DMCEnv, *, mode: str, seed: int,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[int], None] | None = None,
+    frames: list[np.ndarray] | None = None,
+) -> float:  # fmt: skip
+    """One episode; returns its return.
+
+    ``mode``: ``"seed"`` (uniform random actions), ``"train"`` (planner + exploration noise)
+    or ``"eval"`` (planner only). Seed and train episodes go to the replay. ``on_step(t)`` is
+    called before each agent step ``t`` (model updates); ``frames`` collects renders.
+    """
+    store = mode != "eval"
+    generator = agent.generator if generator is None else generator
+    obs = env.reset(seed=seed)
+    if store:
+        agent.replay.start_episode(obs)
+    belief = agent.model.initial_state((1,))
+    action = torch.zeros(env.action_size, device=agent.device)
+    total, done, t = 0.0, False, 0
+    while not done:
+        if on_step is not None:
+            on_step(t)
+        if mode == "seed":
+            action = agent.random_action()
+        else:
+            belief, action = agent.act(
+                belief, action, obs, explore=mode == "train", generator=generator
+            )
+        action_np = action.cpu().numpy().astype(np.float32)
+        obs, reward, done = env.step(action_np)
+        if store:
+            agent.replay.add_step(action_np, reward, obs, done)
+        if frames is not None:
+            frames.append(env.render(height=128, width=128))
+        total, t = total + reward, t + 1
+    return total
+
+
+def _evaluate_agent(
+    agent: Agent, env: DMCEnv, episodes: Sequence[int], frames: list[np.ndarray] | None = None
+) -> list[float]:
+    """Returns of the noise-free planner on evaluation episodes with the given indices."""
+    returns = []
+    for i in episodes:
+        gen = torch.Generator(agent.device).manual_seed(_seed(agent.cfg.seed, EVAL_STREAM, i))
+        returns.append(run_episode(agent, env, mode="eval", seed=_seed(agent.cfg.seed,
+                       EVAL_STREAM, i, 1), generator=gen, frames=frames if i == episodes[0]
+                       else None))  # fmt: skip
+    return returns
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _resume(agent: Agent, out: Path) -> None:
+    path = out / "ckpt" / "latest.pt"
+    if not path.exists():
+        return
+    agent.load_state_dict(common.load_checkpoint(path), path)
+    episode = agent.counters["episode"]
+    evals = agent.counters["evals"]
+    kept = common.truncate_csv(
+        out / "metrics.csv", METRIC_FIELDS,
+        lambda r: int(r["episode"]) < (evals if r["phase"] == "eval" else episode),
+    )  # fmt: skip
+    log.info("resumed %s at episode %d (%d env steps, %d metric rows)", out, episode,
+             agent.counters["env_step"], kept)  # fmt: skip
+
+
+def _save(agent: Agent, out: Path, rows: list[dict[str, Any]]) -> None:
+    common.append_csv(out / "metrics.csv", METRIC_FIELDS, rows)
+    rows.clear()
+    common.save_checkpoint(out / "ckpt" / "latest.pt", agent.state_dict())
+
+
+def _progress(cfg: DMCConfig, done: int, show: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.env_steps, initial=min(done, cfg.env_steps), unit="step",
+                desc=f"dmc {cfg.task}", dynamic_ncols=True,
+                disable=None if show else True)  # fmt: skip
+
+
+def check_out_folder(out: Path, cfg: DMCConfig) -> None:
+    """Raise :class:`RunFolderError` unless ``out`` is new, empty or a run of this config."""
+    common.check_out_folder(out, EXPERIMENT, cfg.to_json())
+
+
+def train(cfg: DMCConfig, out: Path, *, show_progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) the run in ``out``; returns the summary (also in ``summary.json``)."""
+    out = Path(out)
+    check_out_folder(out, cfg)
+    with common.lock_folder(out):
+        if not (out / "config.json").exists():
+            common.atomic_write_json(out / "config.json", common.run_record(EXPERIMENT,
+                                     cfg.to_json()))  # fmt: skip
+        env = make_env(cfg.task, seed=cfg.seed, action_repeat=cfg.repeat,
+                       episode_steps=cfg.episode_steps)  # fmt: skip
+        try:
+            agent = Agent(cfg, env)
+            _resume(agent, out)
+            with _progress(cfg, agent.counters["env_step"], show_progress) as bar:
+                _train_loop(agent, env, out, bar)
+            summary = _finish(agent, env, out)
+        finally:
+            env.close()
+    return summary
+
+
+def _train_loop(agent: Agent, env: DMCEnv, out: Path, bar: Any) -> None:
+    cfg, c = agent.cfg, agent.counters
+    rows: list[dict[str, Any]] = []
+    while c["env_step"] < cfg.env_steps:
+        steps_before = c["env_step"]
+        row = _train_episode(agent, env)
+        rows.append(row)
+        bar.update(min(c["env_step"], cfg.env_steps) - min(steps_before, cfg.env_steps))
+        bar.set_postfix_str(_postfix(row))
+        if bar.disable:  # no terminal: one log line per episode instead of the bar
+            log.info("episode %d (%s), %d env steps, %.0f s: %s", row["episode"], row["phase"],
+                     c["env_step"], agent.wall_seconds, _postfix(row))  # fmt: skip
+        last = c["env_step"] >= cfg.env_steps
+        if last or c["env_step"] // cfg.eval_every > steps_before // cfg.eval_every:
+            rows.extend(_eval_rows(agent, env))
+        _save(agent, out, rows)
+
+
+def _train_episode(agent: Agent, env: DMCEnv) -> dict[str, Any]:
+    """One seed or training episode with its model updates; its ``metrics.csv`` row."""
+    cfg, c = agent.cfg, agent.counters
+    interval = max(1, cfg.update_every // cfg.repeat)
+    start = time.perf_counter()
+    losses: list[dict[str, float]] = []
+
+    def on_step(t: int) -> None:
+        if t % interval == 0:
+            losses.append(agent.update(cfg.updates_per_round))
+
+    mode = "seed" if c["episode"] < cfg.seed_episodes else "train"
+    ret = run_episode(agent, env, mode=mode, seed=_seed(cfg.seed, TRAIN_STREAM, c["episode"]),
+                      on_step=on_step if mode == "train" else None)  # fmt: skip
+    c["env_step"] += env.steps
+    c["episode"] += 1
+    agent.wall_seconds += time.perf_counter() - start
+    mean = {k: float(np.mean([x[k] for x in losses])) if losses else "" for k in
+            ("obs_loss", "reward_loss", "kl_loss", "kl_raw")}  # fmt: skip
+    return {"env_step": c["env_step"], "episode": c["episode"] - 1, "phase": mode,
+            "return": ret, **mean, "updates": c["updates"],
+            "wall_seconds": round(agent.wall_seconds, 2)}  # fmt: skip
+
+
+def _postfix(row: dict[str, Any]) -> str:
+    text = f"return {row['return']:.0f}"
+    if row["obs_loss"] != "":
+        text += f" obs {row['obs_loss']:.3g} rew {row['reward_loss']:.3g} kl {row['kl_raw']:.3g}"
+    return text
+
+
+def _eval_rows(agent: Agent, env: DMCEnv) -> list[dict[str, Any]]:
+    start = time.perf_counter()
+    c = agent.counters
+    first = c["evals"] * agent.cfg.eval_episodes
+    returns = _evaluate_agent(agent, env, range(first, first + agent.cfg.eval_episodes))
+    agent.wall_seconds += time.perf_counter() - start
+    rows = [{"env_step": c["env_step"], "episode": c["evals"], "phase": "eval", "return": r,
+             "updates": c["updates"], "wall_seconds": round(agent.wall_seconds, 2)}
+            for r in returns]  # fmt: skip
+    c["evals"] += 1
+    log.info(
+        "eval at %d env steps: return %s", c["env_step"], ", ".join(f"{r:.1f}" for r in returns)
+    )
+    return rows
+
+
+def _finish(agent: Agent, env: DMCEnv, out: Path) -> dict[str, Any]:
+    """Summary, figure and (once) the evaluation video of a finished run."""
+    rows = common.read_csv(out / "metrics.csv")
+    evals = [r for r in rows if r["phase"] == "eval"]
+    last_step = max((int(r["env_step"]) for r in evals), default=-1)
+    final = [float(r["return"]) for r in evals if int(r["env_step"]) == last_step]
+    by_step: dict[int, list[float]] = {}
+    for r in evals:
+        by_step.setdefault(int(r["env_step"]), []).append(float(r["return"]))
+    best: tuple[int | None, list[float]] = max(
+        by_step.items(), key=lambda kv: float(np.mean(kv[1])), default=(None, [])
+    )
+    summary = {
+        "task": agent.cfg.task, "planner": agent.cfg.planner,
+        "env_steps": agent.counters["env_step"], "episodes": agent.counters["episode"],
+        "updates": agent.counters["updates"], "wall_seconds": round(agent.wall_seconds, 1),
+        "final_eval_return": float(np.mean(final)) if final else None,
+        "final_eval_env_step": last_step if final else None,
+        "best_eval_return": float(np.mean(best[1])) if best[1] else None,
+        "best_eval_env_step": best[0],
+        "trajectories_per_decision": agent.cfg.plan_samples * agent.cfg.plan_iter,
+    }  # fmt: skip
+    common.atomic_write_json(out / "summary.json", summary)
+    plot(out)
+    if agent.cfg.video and not (out / "eval.gif").exists():
+        write_video(agent, env, out / "eval.gif")
+    return summary
+
+
+def write_video(agent: Agent, env: DMCEnv, path: Path) -> bool:
+    """Render one evaluation episode to a GIF; False (and one log line) without a GL backend."""
+    frames: list[np.ndarray] = []
+    try:
+        _evaluate_agent(agent, env, [0], frames=frames)
+    except RenderUnavailableError as err:
+        log.warning("no video: %s", str(err).splitlines()[0])
+        return False
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames[::2]]
+    with common.atomic_open(path, "wb") as handle:
+        images[0].save(handle, format="GIF", save_all=True, append_images=images[1:],
+                       duration=round(2000 * env.agent_step_seconds), loop=0)  # fmt: skip
+    return True
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    out: Path, *, episodes: int, planner: str = "cem", device: str = "cpu", video: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Evaluate the latest checkpoint of the run in ``out``; writes ``eval/{planner}.json``.
+
+    Episodes are the run's evaluation episodes ``0..episodes-1`` (fixed seeds), acted on by
+    the noise-free planner. Returns the record written (returns, mean, std, median, counts).
+    """
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if planner not in PLANNERS:
+        raise ValueError(f"planner must be one of {', '.join(PLANNERS)}, got {planner!r}")
+    cfg = load_config(out, device=device)
+    path = Path(out) / "ckpt" / "latest.pt"
+    if not path.exists():
+        raise RunFolderError(f"{out} has no checkpoint to evaluate (ckpt/latest.pt)")
+    env = make_env(cfg.task, seed=cfg.seed, action_repeat=cfg.repeat,
+                   episode_steps=cfg.episode_steps)  # fmt: skip
+    try:
+        agent = Agent(cfg, env)
+        agent.load_state_dict(common.load_checkpoint(path), path)
+        start = time.perf_counter()
+        from tqdm.auto import tqdm
+
+        returns = [
+            _evaluate_agent(agent, env, [i])[0]
+            for i in tqdm(range(episodes), desc=f"eval {cfg.task}", unit="ep",
+                          disable=None if show_progress else True)
+        ]  # fmt: skip
+        if video:
+            write_video(agent, env, Path(out) / f"eval-{planner}.gif")
+    finally:
+        env.close()
+    record = {
+        "run": str(out), "task": cfg.task, "planner": planner,
+        "env_steps_trained": agent.counters["env_step"], "episodes": episodes,
+        "trajectories_per_decision": cfg.plan_samples * cfg.plan_iter,
+        "returns": returns, "mean": float(np.mean(returns)), "std": float(np.std(returns)),
+        "median": float(np.median(returns)), "seconds": round(time.perf_counter() - start, 1),
+    }  # fmt: skip
+    common.atomic_write_json(Path(out) / "eval" / f"{planner}.json", record)
+    return record
+
+
+# --------------------------------------------------------------------------- figure
+
+
+def _column(rows: list[dict[str, str]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    pairs = [(float(r["env_step"]), float(r[key])) for r in rows if r.get(key, "") != ""]
+    data = np.asarray(pairs, dtype=float).reshape(-1, 2)
+    return data[:, 0] / 1000.0, data[:, 1]
+
+
+def _eval_means(rows: list[dict[str, str]]) -> Iterator[tuple[float, float]]:
+    steps = sorted({int(r["env_step"]) for r in rows})
+    for s in steps:
+        yield s / 1000.0, float(np.mean([float(r["return"]) for r in rows
+                                         if int(r["env_step"]) == s]))  # fmt: skip
+
+
+def plot(out: Path) -> Path:
+    """Draw ``training.png`` from ``metrics.csv`` alone (the paper's phase-1 layout)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = common.read_csv(Path(out) / "metrics.csv")
+    cfg = load_config(out)
+    train_rows = [r for r in rows if r["phase"] != "eval"]
+    evals = np.asarray(list(_eval_means([r for r in rows if r["phase"] == "eval"])))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    x, y = _column(train_rows, "return")
+    axes[0].plot(x, y, color="#348ABD", label="train (with exploration noise)")
+    if len(evals):
+        axes[0].plot(evals[:, 0], evals[:, 1], color="#A60628", label="eval")
+    axes[0].legend(fontsize=8)
+    panels = [("Episode Reward", None), ("Obs Loss", "obs_loss"), ("Rew Loss", "reward_loss"),
+              ("KL Loss", "kl_raw")]  # fmt: skip
+    for ax, (title, key) in zip(axes, panels, strict=True):
+        if key is not None:
+            x, y = _column(train_rows, key)
+            ax.plot(x, y, color="#348ABD")
+            if key == "obs_loss" and len(y) and np.all(y > 0):
+                ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("1k Steps")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"PlaNet {cfg.task} ({cfg.planner} planner, {cfg.plan_samples} candidates)")
+    fig.tight_layout()
+    path = Path(out) / "training.png"
+    with common.atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def known_tasks() -> str:
+    """The task names, comma-separated (for error messages)."""
+    return ", ".join(sorted(TASKS))

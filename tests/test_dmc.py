@@ -1,0 +1,191 @@
+"""The DMC world-model experiment: ``dcem dmc train`` / ``dcem dmc eval`` through real runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("dm_control.suite", reason="dm_control is not installed")
+
+from dcem.experiments import common, dmc  # noqa: E402
+from dcem.world import make_env  # noqa: E402
+
+TASK = "cartpole-swingup"
+QUICK = ["--quick", "--task", TASK, "--no-video"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _cli(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dcem", "dmc", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=_env(),
+    )  # fmt: skip
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    return common.read_csv(out / "metrics.csv")
+
+
+def _without_time(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rows]
+
+
+def test_quick_train_writes_the_run_folder_and_a_rerun_changes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = _cli("train", *QUICK, "--out", out)
+    assert done.returncode == 0, done.stderr
+    for name in ("config.json", "metrics.csv", "summary.json", "training.png", "ckpt/latest.pt"):
+        assert (out / name).is_file(), name
+    assert (out / "training.png").read_bytes().startswith(b"\x89PNG")
+    rows = _rows(out)
+    cfg = dmc.load_config(out)
+    assert cfg.env_steps == dmc.QUICK["env_steps"] and cfg.task == TASK
+    train = [r for r in rows if r["phase"] != "eval"]
+    assert [r["phase"] for r in train] == ["seed"] + ["train"] * (len(train) - 1)
+    assert int(train[-1]["env_step"]) >= cfg.env_steps
+    steps = [int(r["env_step"]) for r in train]
+    assert steps == sorted(steps) and steps[0] == cfg.episode_steps
+    # the model was trained: loss terms logged for planner episodes, updates counted
+    assert all(float(r["obs_loss"]) > 0 for r in train[1:])
+    per_episode = -(-cfg.episode_steps // cfg.repeat) // max(1, cfg.update_every // cfg.repeat)
+    assert int(train[-1]["updates"]) >= (len(train) - 1) * per_episode * cfg.updates_per_round
+    summary = json.loads((out / "summary.json").read_text())
+    evals = [r for r in rows if r["phase"] == "eval"]
+    assert evals and int(evals[-1]["env_step"]) == summary["env_steps"]
+    assert summary["final_eval_return"] == pytest.approx(float(evals[-1]["return"]))
+    assert summary["trajectories_per_decision"] == cfg.plan_samples * cfg.plan_iter
+    # the same command again: already finished, nothing retrained, same rows
+    again = _cli("train", *QUICK, "--out", out)
+    assert again.returncode == 0, again.stderr
+    assert _rows(out) == rows
+
+
+def _start_and_kill_after_checkpoint(command: list[str], ckpt: Path) -> int:
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=_env())  # fmt: skip
+    deadline = time.monotonic() + 90
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
+    return int(common.load_checkpoint(ckpt)["counters"]["episode"])
+
+
+def test_killed_run_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path: Path) -> None:
+    args = [*QUICK, "--env-steps", "1400", "--eval-every", "600"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = _cli("train", *args, "--out", straight)
+    assert done.returncode == 0, done.stderr
+    command = [sys.executable, "-m", "dcem", "dmc", "train", *args, "--out", str(killed)]
+    at = _start_and_kill_after_checkpoint(command, killed / "ckpt" / "latest.pt")
+    assert 1 <= at < 7, at
+    kept = common.load_checkpoint(killed / "ckpt" / "latest.pt")
+    resumed = _cli("train", *args, "--out", killed)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stderr
+    assert _without_time(_rows(killed)) == _without_time(_rows(straight))
+    # the data the checkpoint held is still there, first rows unchanged
+    final = common.load_checkpoint(killed / "ckpt" / "latest.pt")
+    n = kept["replay"]["obs"].shape[0]
+    assert torch.equal(final["replay"]["obs"][:n], kept["replay"]["obs"])
+    ref = common.load_checkpoint(straight / "ckpt" / "latest.pt")
+    for key, value in ref["model"].items():
+        torch.testing.assert_close(final["model"][key], value, rtol=0, atol=0)
+
+
+def test_eval_command_writes_returns_json(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _cli("train", *QUICK, "--out", out).returncode == 0
+    done = _cli("eval", out, "--episodes", "2")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record == json.loads((out / "eval" / "cem.json").read_text())
+    assert len(record["returns"]) == 2 and record["task"] == TASK
+    assert record["mean"] == pytest.approx(sum(record["returns"]) / 2)
+    # evaluation episodes are seeded: the first one equals the run's own first evaluation
+    first_eval = next(r for r in _rows(out) if r["phase"] == "eval")
+    assert int(first_eval["episode"]) == 0
+    again = _cli("eval", out, "--episodes", "1")
+    assert json.loads(again.stdout)["returns"] == record["returns"][:1]
+
+
+def test_video_is_written_or_skipped_with_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = _cli("train", "--quick", "--task", TASK, "--out", out)
+    assert done.returncode == 0, done.stderr
+    gif = out / "eval.gif"
+    if gif.exists():
+        assert gif.read_bytes()[:6] in (b"GIF87a", b"GIF89a")
+    else:
+        assert "no video:" in done.stderr, done.stderr
+
+
+def test_unknown_task_lists_the_known_ones(tmp_path: Path) -> None:
+    done = _cli("train", "--quick", "--task", "cheetah-fly", "--out", tmp_path / "x")
+    assert done.returncode == 2
+    assert "cheetah-fly" in done.stderr and "cheetah-run" in done.stderr
+    assert "walker-walk" in done.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "named"),
+    [("--env-steps", "0", "env_steps"), ("--plan-elites", "50", "plan_elites"),
+     ("--seq-len", "500", "seq_len"), ("--lr", "-1", "lr")],
+)  # fmt: skip
+def test_bad_option_values_name_the_option(tmp_path: Path, option, value, named) -> None:
+    done = _cli("train", *QUICK, option, value, "--out", tmp_path / "x")
+    assert done.returncode == 2 and named in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()[-1]) < 300
+    assert not (tmp_path / "x").exists()
+
+
+def test_another_config_in_the_folder_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _cli("train", *QUICK, "--out", out).returncode == 0
+    before = (out / "metrics.csv").read_bytes()
+    done = _cli("train", *QUICK, "--horizon", "4", "--out", out)
+    assert done.returncode == 2 and "horizon" in done.stderr
+    assert (out / "metrics.csv").read_bytes() == before
+
+
+def test_checkpoint_of_another_task_is_refused() -> None:
+    cfg = dmc.DMCConfig(**{**dmc.QUICK, "task": TASK})
+    env = make_env(TASK, episode_steps=cfg.episode_steps)
+    state = dmc.Agent(cfg, env).state_dict()
+    other = dmc.DMCConfig(**{**dmc.QUICK, "task": "reacher-easy"})
+    agent = dmc.Agent(other, make_env("reacher-easy", episode_steps=cfg.episode_steps))
+    with pytest.raises(common.CheckpointError, match="cartpole-swingup"):
+        agent.load_state_dict(state, Path("x.pt"))
+    bigger = dmc.DMCConfig(**{**dmc.QUICK, "task": TASK, "hidden_size": 32})
+    with pytest.raises(common.CheckpointError, match="hidden_size"):
+        dmc.Agent(bigger, env).load_state_dict(state, Path("x.pt"))
+
+
+def test_truncated_checkpoint_is_detected_and_never_half_loaded(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert _cli("train", *QUICK, "--out", out).returncode == 0
+    ckpt = out / "ckpt" / "latest.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    done = _cli("train", *QUICK, "--out", out)
+    assert done.returncode == 2 and "truncated" in done.stderr, done.stderr
+    assert ckpt.read_bytes() == data[: len(data) // 2]
+    done = _cli("eval", out, "--episodes", "1")
+    assert done.returncode == 2 and "truncated" in done.stderr, done.stderr
+
+
+def test_eval_of_a_folder_without_a_run_is_refused(tmp_path: Path) -> None:
+    done = _cli("eval", tmp_path, "--episodes", "1")
+    assert done.returncode == 2 and "config.json" in done.stderr
