@@ -126,6 +126,26 @@ def _check(model: RSSM, decoder: ActionDecoder, state: State) -> None:
         )
 
 
+def _check_inside(
+    decoder: ActionDecoder, action_low: float | Tensor | None, action_high: float | Tensor | None
+) -> None:
+    """Raise unless the decoder's bounds lie within the environment's (None: no check)."""
+    low, high = decoder.action_low, decoder.action_high
+    checks: list[tuple[str, float | Tensor | None, Callable[[Tensor], Tensor]]] = [
+        ("action_low", action_low, lambda bound: low >= bound),
+        ("action_high", action_high, lambda bound: high <= bound),
+    ]
+    for name, value, inside in checks:
+        if value is None:
+            continue
+        bound = _action_bound(name, value, decoder.action_size).to(low)
+        if not bool(inside(bound).all()):
+            raise ValueError(
+                f"the decoder's bounds [{low.tolist()}, {high.tolist()}] exceed "
+                f"{name} = {bound.tolist()}"
+            )
+
+
 def _costs(
     model: RSSM,
     decoder: ActionDecoder,
@@ -213,23 +233,7 @@ def plan_latent(
         the plan ``(B, H, a)``.
     """
     _check(model, decoder, state)
-    for name, value, ok in [
-        ("action_low", action_low, lambda b: bool((decoder.action_low >= b).all())),
-        ("action_high", action_high, lambda b: bool((decoder.action_high <= b).all())),
-    ]:
-        if value is None:
-            continue
-        bound = torch.as_tensor(value, dtype=decoder.action_low.dtype, device=state.deter.device)
-        if bound.dim() not in (0, 1) or (bound.dim() == 1 and bound.shape != (model.action_size,)):
-            raise ValueError(
-                f"{name} must be a float or of shape ({model.action_size},), "
-                f"got {tuple(bound.shape)}"
-            )
-        if not ok(bound):
-            raise ValueError(
-                f"the decoder's bounds [{decoder.action_low.tolist()}, "
-                f"{decoder.action_high.tolist()}] exceed {name} = {bound.tolist()}"
-            )
+    _check_inside(decoder, action_low, action_high)
     cost = _costs(model, decoder, state, sample=sample, generator=generator, differentiable=False)
     kw = dict(n_sample=n_sample, n_elite=n_elite, n_iter=n_iter, tau=tau, generator=generator)
     z = _solve(cost, decoder, state, init_sigma=init_sigma, **kw)
