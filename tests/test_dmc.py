@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,11 +17,13 @@ import torch
 
 pytest.importorskip("dm_control.suite", reason="dm_control is not installed")
 
+from dcem import cli  # noqa: E402
 from dcem.experiments import common, dmc  # noqa: E402
 from dcem.world import make_env  # noqa: E402
 
 TASK = "cartpole-swingup"
 QUICK = ["--quick", "--task", TASK, "--no-video"]
+PHASE2 = [*QUICK, "--planner", "latent", "--seed-episodes", "0"]
 
 
 def _env() -> dict[str, str]:
@@ -41,10 +45,32 @@ def _without_time(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rows]
 
 
-def test_quick_train_writes_the_run_folder_and_a_rerun_changes_nothing(tmp_path: Path) -> None:
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def phase1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished quick phase-1 run (CEM planner); tests must not change it."""
+    out = tmp_path_factory.mktemp("dmc") / "phase1"
     done = _cli("train", *QUICK, "--out", out)
     assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def phase2(phase1: Path) -> Path:
+    """A finished quick phase-2 run (latent planner) started from ``phase1``."""
+    out = phase1.parent / "phase2"
+    done = _cli("train", *PHASE2, "--init-from", phase1, "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert "phase 2 from" in done.stderr
+    return out
+
+
+def _copy(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns(".lock"))
+    return to
+
+
+def test_quick_train_writes_the_run_folder_and_a_rerun_changes_nothing(phase1: Path) -> None:
+    out = phase1
     for name in ("config.json", "metrics.csv", "summary.json", "training.png", "ckpt/latest.pt"):
         assert (out / name).is_file(), name
     assert (out / "training.png").read_bytes().startswith(b"\x89PNG")
@@ -104,13 +130,13 @@ def test_killed_run_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path: Path) 
         torch.testing.assert_close(final["model"][key], value, rtol=0, atol=0)
 
 
-def test_eval_command_writes_returns_json(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    assert _cli("train", *QUICK, "--out", out).returncode == 0
+def test_eval_command_writes_returns_json(phase1: Path, tmp_path: Path) -> None:
+    out = _copy(phase1, tmp_path / "run")
     done = _cli("eval", out, "--episodes", "2")
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
-    assert record == json.loads((out / "eval" / "cem.json").read_text())
+    name = f"cem-{record['candidates']}x{record['iterations']}.json"
+    assert record == json.loads((out / "eval" / name).read_text())
     assert len(record["returns"]) == 2 and record["task"] == TASK
     assert record["mean"] == pytest.approx(sum(record["returns"]) / 2)
     # evaluation episodes are seeded: the first one equals the run's own first evaluation
@@ -139,25 +165,30 @@ def test_unknown_task_lists_the_known_ones(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
+def _main_error(capsys: pytest.CaptureFixture[str], *args: str | Path) -> str:
+    """Run ``dcem dmc ARGS`` in this process; its exit status must be 2. Returns stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["dmc", *map(str, args)])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("option", "value", "named"),
     [("--env-steps", "0", "env_steps"), ("--plan-elites", "50", "plan_elites"),
      ("--seq-len", "500", "seq_len"), ("--lr", "-1", "lr")],
 )  # fmt: skip
-def test_bad_option_values_name_the_option(tmp_path: Path, option, value, named) -> None:
-    done = _cli("train", *QUICK, option, value, "--out", tmp_path / "x")
-    assert done.returncode == 2 and named in done.stderr, done.stderr
-    assert len(done.stderr.strip().splitlines()[-1]) < 300
+def test_bad_option_values_name_the_option(tmp_path, capsys, option, value, named) -> None:
+    err = _main_error(capsys, "train", *QUICK, option, value, "--out", tmp_path / "x")
+    assert named in err and len(err.strip().splitlines()[-1]) < 300, err
     assert not (tmp_path / "x").exists()
 
 
-def test_another_config_in_the_folder_is_refused(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    assert _cli("train", *QUICK, "--out", out).returncode == 0
-    before = (out / "metrics.csv").read_bytes()
-    done = _cli("train", *QUICK, "--horizon", "4", "--out", out)
-    assert done.returncode == 2 and "horizon" in done.stderr
-    assert (out / "metrics.csv").read_bytes() == before
+def test_another_config_in_the_folder_is_refused(phase1: Path, capsys) -> None:
+    before = (phase1 / "metrics.csv").read_bytes()
+    err = _main_error(capsys, "train", *QUICK, "--horizon", "4", "--out", phase1)
+    assert "horizon" in err
+    assert (phase1 / "metrics.csv").read_bytes() == before
 
 
 def test_checkpoint_of_another_task_is_refused() -> None:
@@ -173,9 +204,8 @@ def test_checkpoint_of_another_task_is_refused() -> None:
         dmc.Agent(bigger, env).load_state_dict(state, Path("x.pt"))
 
 
-def test_truncated_checkpoint_is_detected_and_never_half_loaded(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    assert _cli("train", *QUICK, "--out", out).returncode == 0
+def test_truncated_checkpoint_is_detected_and_never_half_loaded(phase1, tmp_path) -> None:
+    out = _copy(phase1, tmp_path / "run")
     ckpt = out / "ckpt" / "latest.pt"
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
@@ -186,6 +216,58 @@ def test_truncated_checkpoint_is_detected_and_never_half_loaded(tmp_path: Path) 
     assert done.returncode == 2 and "truncated" in done.stderr, done.stderr
 
 
-def test_eval_of_a_folder_without_a_run_is_refused(tmp_path: Path) -> None:
-    done = _cli("eval", tmp_path, "--episodes", "1")
-    assert done.returncode == 2 and "config.json" in done.stderr
+def test_eval_of_a_folder_without_a_run_is_refused(tmp_path: Path, capsys) -> None:
+    assert "config.json" in _main_error(capsys, "eval", tmp_path, "--episodes", "1")
+
+
+def test_phase_two_starts_from_phase_one_and_trains_the_decoder(phase1, phase2, tmp_path) -> None:
+    p1 = common.load_checkpoint(phase1 / "ckpt" / "latest.pt")
+    p2 = common.load_checkpoint(phase2 / "ckpt" / "latest.pt")
+    # the phase-1 replay is kept and extended; the decoder is saved with the model
+    n = p1["replay"]["obs"].shape[0]
+    assert torch.equal(p2["replay"]["obs"][:n], p1["replay"]["obs"])
+    assert p2["replay"]["obs"].shape[0] > n and "decoder" in p2 and "decoder_opt" in p2
+    rows = [r for r in _rows(phase2) if r["phase"] == "train"]
+    assert rows and all(r["decoder_cost"] != "" for r in rows)
+    # phase 2 starts from phase 1's model and optimizer (or a fresh model on request)
+    for reinit in (False, True):
+        cfg = dataclasses.replace(dmc.load_config(phase2), reinit_model=reinit)
+        agent = dmc.Agent(cfg, make_env(TASK, episode_steps=200))
+        dmc._resume(agent, tmp_path / f"empty-{reinit}")
+        same = [torch.equal(v, p1["model"][k]) for k, v in agent.model.state_dict().items()]
+        assert all(same) if not reinit else not any(same[:4])
+    # deleting the replay and re-initializing the model are options of their own
+    other = tmp_path / "p2-fresh"
+    args = [*PHASE2, "--init-from", phase1, "--no-keep-replay", "--reinit-model"]
+    done = _cli("train", *args, "--out", other)
+    assert done.returncode == 0, done.stderr
+    kept = common.load_checkpoint(other / "ckpt" / "latest.pt")
+    assert kept["replay"]["obs"].shape[0] < p2["replay"]["obs"].shape[0]
+
+
+def test_phase_two_refuses_a_phase_one_run_of_another_task(phase1, tmp_path, capsys) -> None:
+    err = _main_error(capsys, "train", "--quick", "--task", "reacher-easy", "--planner",
+                      "latent", "--init-from", phase1, "--out", tmp_path / "p2")  # fmt: skip
+    assert "cartpole-swingup" in err and "reacher-easy" in err, err
+
+
+def test_eval_of_both_planners_draws_the_box_plot(phase1, phase2, tmp_path) -> None:
+    phase2 = _copy(phase2, tmp_path / "p2")
+    plot = tmp_path / "box.png"
+    done = _cli("eval", phase2, "--episodes", "2", "--planner", "cem,latent", "--plot", plot)
+    assert done.returncode == 0, done.stderr
+    cem, latent = json.loads(done.stdout)
+    assert (cem["planner"], latent["planner"]) == ("cem", "latent")
+    cfg = dmc.load_config(phase2)
+    assert cem["trajectories_per_decision"] == cfg.plan_samples * cfg.plan_iter
+    assert latent["trajectories_per_decision"] == cfg.latent_samples * cfg.latent_iter
+    assert "trajectories per decision" in done.stderr
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    # other planner sizes for the evaluation, recorded in the file name and the record
+    done = _cli("eval", phase2, "--episodes", "1", "--planner", "cem", "--candidates", "30",
+                "--elites", "3", "--iterations", "2")  # fmt: skip
+    assert json.loads(done.stdout)["trajectories_per_decision"] == 60
+    assert (phase2 / "eval" / "cem-30x2.json").is_file()
+    # a phase-1 run has no decoder: the latent planner is refused with a clear message
+    done = _cli("eval", phase1, "--episodes", "1", "--planner", "latent")
+    assert done.returncode == 2 and "--planner latent" in done.stderr

@@ -5,7 +5,8 @@
     dcem cartpole [--quick | --grid] [--out DIR] [--latent-dims 2,8,16] [--taus 1,0.1,0]
                   [--seeds 0,1,2] [--iterations N] [--horizon H] [--workers N] [--plot-only]
     dcem dmc train [--quick] [--out DIR] [--task cheetah-run] [--planner cem] [--CONFIG-FIELD V]
-    dcem dmc eval RUN_DIR [RUN_DIR ...] [--episodes N] [--planner cem] [--video]
+    dcem dmc eval RUN_DIR [RUN_DIR ...] [--episodes N] [--planner cem,latent] [--video]
+                  [--candidates N --elites K --iterations T] [--plot PATH]
 
 Each subcommand is one entry of ``_COMMANDS``: a function adding its options to a subparser
 and a function running it. Bad option values exit with status 2 and a one-line message naming
@@ -299,8 +300,15 @@ def _add_dmc(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="run folder(s)")
     evaluate.add_argument("--episodes", type=_positive_int, default=10, help="evaluation "
                           "episodes per run (default: %(default)s)")  # fmt: skip
-    evaluate.add_argument("--planner", choices=dmc.PLANNERS, default="cem",
-                          help="planner to act with (default: %(default)s)")  # fmt: skip
+    evaluate.add_argument("--planner", type=_choice_list(dmc.PLANNERS), default=None,
+                          help="planner(s) to act with, e.g. cem,latent (default: the run's "
+                          "own)")  # fmt: skip
+    for flag, what in (("--candidates", "candidates"), ("--elites", "elites"),
+                       ("--iterations", "iterations")):  # fmt: skip
+        evaluate.add_argument(flag, type=_positive_int, default=None,
+                              help=f"planner {what} per decision (default: the run's)")  # fmt: skip
+    evaluate.add_argument("--plot", type=Path, default=None, help="also draw a box plot "
+                          "of the returns of every run and planner (paper fig. 4)")  # fmt: skip
     evaluate.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     evaluate.add_argument("--video", action="store_true", help="also render eval-PLANNER.gif")
 
@@ -340,13 +348,25 @@ def _run_dmc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _choose_gl_backend()
 
     if args.dmc_command == "eval":
+        sizes = (args.candidates, args.elites, args.iterations)
+        if any(v is not None for v in sizes) and None in sizes:
+            parser.error("arguments --candidates, --elites, --iterations: give all three or none")
         records = []
         for run in args.runs:
-            try:
-                records.append(dmc.evaluate(run, episodes=args.episodes, planner=args.planner,
-                                            device=args.device, video=args.video))  # fmt: skip
-            except (dmc.RunFolderError, common.CheckpointError, ValueError) as err:
-                parser.error(f"argument RUN_DIR: {err}")
+            for planner in args.planner or (None,):
+                try:
+                    record = dmc.evaluate(
+                        run, episodes=args.episodes, planner=planner, device=args.device,
+                        video=args.video, sizes=None if None in sizes else sizes,
+                    )  # fmt: skip
+                except (dmc.RunFolderError, common.CheckpointError, ValueError) as err:
+                    parser.error(f"argument RUN_DIR: {err}")
+                log.info("%s %s (%d trajectories per decision): mean return %.1f over %d "
+                         "episodes", run, record["planner"], record["trajectories_per_decision"],
+                         record["mean"], record["episodes"])  # fmt: skip
+                records.append(record)
+        if args.plot is not None:
+            log.info("wrote %s", dmc.plot_eval(records, args.plot))
         print(json.dumps(records if len(records) > 1 else records[0], indent=2))
         return 0
     try:

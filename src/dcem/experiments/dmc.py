@@ -46,12 +46,15 @@ from dcem.experiments.common import CheckpointError, RunFolderError
 from dcem.world import (
     RSSM,
     TASKS,
+    ActionDecoder,
     DMCEnv,
     RenderUnavailableError,
     ReplayBuffer,
     State,
+    latent_planning_cost,
     make_env,
     plan,
+    plan_latent,
     task_spec,
 )
 
@@ -71,11 +74,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "dmc"
-PLANNERS = ("cem",)
+PLANNERS = ("cem", "latent")
+BACKWARDS = ("full", "checkpoint", "pruned")
 CKPT_VERSION = 1
 METRIC_FIELDS = [
     "env_step", "episode", "phase", "return", "obs_loss", "reward_loss", "kl_loss", "kl_raw",
-    "updates", "wall_seconds",
+    "updates", "wall_seconds", "decoder_cost",
 ]  # fmt: skip
 
 
@@ -91,7 +95,13 @@ class DMCConfig:
     """Resolved settings of one training run; defaults are the paper's (PlaNet's) values."""
 
     task: str = field(default="cheetah-run", metadata=_doc("control-suite task"))
-    planner: str = field(default="cem", metadata=_doc("planner used to act: cem"))
+    planner: str = field(
+        default="cem",
+        metadata=_doc(
+            "planner used to act: cem (full action space, phase 1) or latent (latent DCEM over a "
+            "learned action decoder, phase 2)"
+        ),
+    )
     seed: int = field(default=0, metadata=_doc("seed of episodes, model init and planner"))
     env_steps: int = field(default=1_000_000, metadata=_doc("environment steps to train for"))
     action_repeat: int = field(default=0, metadata=_doc("0: the task's PlaNet value"))
@@ -116,6 +126,36 @@ class DMCConfig:
     eval_every: int = field(default=10_000, metadata=_doc("env steps between evaluations"))
     eval_episodes: int = field(default=1, metadata=_doc("episodes per evaluation"))
     video: bool = field(default=True, metadata=_doc("render eval.gif at the end"))
+    init_from: str = field(
+        default="",
+        metadata=_doc(
+            "phase-1 run folder to start from (its latest checkpoint): model, optimizer, replay"
+        ),
+    )
+    keep_replay: bool = field(default=True, metadata=_doc("with init_from: keep its replay"))
+    reinit_model: bool = field(
+        default=False,
+        metadata=_doc("with init_from: re-initialize the world model instead of loading it"),
+    )
+    latent_dim: int = field(default=2, metadata=_doc("latent planner: latent dimension"))
+    latent_samples: int = field(default=100, metadata=_doc("latent planner: DCEM candidates"))
+    latent_elites: int = field(default=10, metadata=_doc("latent planner: DCEM soft elites"))
+    latent_iter: int = field(default=10, metadata=_doc("latent planner: DCEM iterations"))
+    latent_tau: float = field(default=1.0, metadata=_doc("latent planner: DCEM temperature"))
+    decoder_hidden: int = field(default=200, metadata=_doc("decoder hidden units (2 layers)"))
+    decoder_lr: float = field(default=1e-3, metadata=_doc("decoder Adam learning rate"))
+    decoder_every: int = field(
+        default=1, metadata=_doc("a decoder update after every this many model updates (paper: 1)")
+    )
+    decoder_batch: int = field(
+        default=16, metadata=_doc("belief states from the replay batch per decoder update")
+    )
+    dcem_backward: str = field(
+        default="full",
+        metadata=_doc(
+            "backward mode of dcem.dcem for the decoder update: full, checkpoint or pruned"
+        ),
+    )
     device: str = field(default="cpu", metadata=_doc("torch device of model and planner"))
 
     def __post_init__(self) -> None:
@@ -125,13 +165,15 @@ class DMCConfig:
         for name in ("env_steps", "episode_steps", "update_every", "updates_per_round",
                      "batch_size", "seq_len", "deter_size", "stoch_size", "hidden_size",
                      "horizon", "plan_iter", "plan_samples", "plan_elites", "eval_every",
-                     "eval_episodes"):  # fmt: skip
+                     "eval_episodes", "latent_dim", "latent_samples", "latent_elites",
+                     "latent_iter", "decoder_hidden", "decoder_every",
+                     "decoder_batch"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("action_repeat", "seed_episodes", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "adam_eps", "grad_clip"):
+        for name in ("lr", "adam_eps", "grad_clip", "latent_tau", "decoder_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.free_nats < 0 or self.explore_noise < 0:
@@ -142,6 +184,15 @@ class DMCConfig:
         if self.plan_elites >= self.plan_samples:
             raise ValueError(
                 f"plan_elites must be < plan_samples, got {self.plan_elites} >= {self.plan_samples}"
+            )
+        if self.latent_elites >= self.latent_samples:
+            raise ValueError(
+                f"latent_elites must be < latent_samples, got {self.latent_elites} >= "
+                f"{self.latent_samples}"
+            )
+        if self.dcem_backward not in BACKWARDS:
+            raise ValueError(
+                f"dcem_backward must be one of {', '.join(BACKWARDS)}, got {self.dcem_backward!r}"
             )
         if self.seq_len > self.agent_steps_per_episode + 1:
             raise ValueError(
@@ -166,9 +217,24 @@ class DMCConfig:
         """The fields as JSON values, ``device`` left out (a run may move between devices)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "device"}
 
+    def trajectories_per_decision(self, planner: str | None = None) -> int:
+        """Imagined trajectories one decision of ``planner`` (default: the run's) evaluates."""
+        if (planner or self.planner) == "latent":
+            return self.latent_samples * self.latent_iter
+        return self.plan_samples * self.plan_iter
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Fields that differ; a field missing from ``old`` (an older record) counts as default."""
+    defaults = DMCConfig().to_json()
+    return sorted(k for k in old.keys() | new.keys()
+                  if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))  # fmt: skip
+
 
 QUICK = {
-    "env_steps": 600, "episode_steps": 200, "seed_episodes": 1, "update_every": 100,
+    "latent_dim": 2, "latent_samples": 10, "latent_elites": 3, "latent_iter": 2,
+    "decoder_hidden": 16, "decoder_batch": 4, "env_steps": 600, "episode_steps": 200,
+    "seed_episodes": 1, "update_every": 100,
     "updates_per_round": 3, "batch_size": 4, "seq_len": 8, "deter_size": 16, "stoch_size": 4,
     "hidden_size": 16, "horizon": 3, "plan_iter": 2, "plan_samples": 20, "plan_elites": 4,
     "eval_every": 400, "eval_episodes": 1,
@@ -184,7 +250,9 @@ def load_config(out: Path, **overrides: Any) -> DMCConfig:
     record = json.loads(path.read_text(encoding="utf-8"))
     if record.get("experiment") != EXPERIMENT:
         raise RunFolderError(f"{out} holds a {record.get('experiment')!r} run, not a dmc run")
-    return DMCConfig(**{**record["config"], **overrides})
+    known = {f.name for f in dataclasses.fields(DMCConfig)}
+    values = {k: v for k, v in record["config"].items() if k in known}
+    return DMCConfig(**{**values, **overrides})
 
 
 # --------------------------------------------------------------------------- agent
@@ -215,6 +283,16 @@ class Agent:
         self.high = torch.as_tensor(env.action_high, device=self.device)
         self.counters = {"episode": 0, "env_step": 0, "updates": 0, "evals": 0}
         self.wall_seconds = 0.0
+        self.planner = cfg.planner
+        self.cem_sizes = (cfg.plan_samples, cfg.plan_elites, cfg.plan_iter)
+        self.latent_sizes = (cfg.latent_samples, cfg.latent_elites, cfg.latent_iter)
+        self.decoder: ActionDecoder | None = None
+        if cfg.planner == "latent":
+            self.decoder = ActionDecoder(
+                cfg.latent_dim, env.action_size, horizon=cfg.horizon, hidden=cfg.decoder_hidden,
+                action_low=self.low, action_high=self.high,
+            ).to(self.device)  # fmt: skip
+            self.decoder_opt = torch.optim.Adam(self.decoder.parameters(), lr=cfg.decoder_lr)
 
     # ---------------------------------------------------------------- acting
     @torch.no_grad()
@@ -225,11 +303,21 @@ class Agent:
         """Filter the belief with ``obs`` and plan: returns the new belief and action ``(a,)``."""
         obs_t = torch.as_tensor(obs, device=self.device)[None]
         belief = self.model.belief(belief, prev_action[None], obs_t, generator=generator)
-        action = plan(
-            self.model, belief, action_low=self.low, action_high=self.high,
-            horizon=self.cfg.horizon, n_iter=self.cfg.plan_iter, n_sample=self.cfg.plan_samples,
-            n_elite=self.cfg.plan_elites, generator=generator,
-        )[0]  # fmt: skip
+        if self.planner == "latent":
+            if self.decoder is None:
+                raise ValueError("the latent planner needs a run trained with --planner latent")
+            n_sample, n_elite, n_iter = self.latent_sizes
+            action = plan_latent(
+                self.model, self.decoder, belief, n_sample=n_sample, n_elite=n_elite,
+                n_iter=n_iter, tau=self.cfg.latent_tau, generator=generator,
+            )[0]  # fmt: skip
+        else:
+            n_sample, n_elite, n_iter = self.cem_sizes
+            action = plan(
+                self.model, belief, action_low=self.low, action_high=self.high,
+                horizon=self.cfg.horizon, n_iter=n_iter, n_sample=n_sample, n_elite=n_elite,
+                generator=generator,
+            )[0]  # fmt: skip
         if explore and self.cfg.explore_noise > 0:
             noise = torch.randn(action.shape, generator=generator, device=self.device)
             action = torch.maximum(torch.minimum(action + self.cfg.explore_noise * noise,
@@ -241,9 +329,16 @@ class Agent:
         return self.low + (self.high - self.low) * u
 
     # -------------------------------------------------------------- learning
+    def can_update(self) -> bool:
+        """Whether the replay holds an episode of at least ``seq_len`` rows."""
+        bounds = self.replay.episode_bounds() if self.replay.num_episodes else None
+        return bounds is not None and bool((bounds[:, 1] - bounds[:, 0] >= self.cfg.seq_len).any())
+
     def update(self, n: int) -> dict[str, float]:
-        """``n`` Adam updates of the model on replay batches; the mean of each loss term."""
+        """``n`` Adam updates of the model on replay batches (each followed, with the latent
+        planner, by a decoder update every ``decoder_every``); the mean of each loss term."""
         totals = dict.fromkeys(("obs_loss", "reward_loss", "kl_loss", "kl_raw"), 0.0)
+        decoder_costs: list[float] = []
         cfg = self.cfg
         for _ in range(n):
             batch = self.replay.sample(cfg.batch_size, cfg.seq_len)
@@ -259,8 +354,39 @@ class Agent:
             values = torch.stack([terms.obs, terms.reward, terms.kl, terms.kl_raw]).tolist()
             for key, value in zip(totals, values, strict=True):
                 totals[key] += value / n
-        self.counters["updates"] += n
+            self.counters["updates"] += 1
+            if self.decoder is not None and self.counters["updates"] % cfg.decoder_every == 0:
+                decoder_costs.append(self.update_decoder(obs, actions))
+        if decoder_costs:
+            totals["decoder_cost"] = float(np.mean(decoder_costs))
         return totals
+
+    def update_decoder(self, obs: Tensor, actions: Tensor) -> float:
+        """One decoder step through DCEM on belief states of a replay batch ``(L, B, ·)``.
+
+        The posteriors of the batch's first sequences (enough for ``decoder_batch`` states)
+        are computed without gradient; ``decoder_batch`` of them, drawn uniformly, are the
+        start states of the embedded control problem. Returns the mean imagined cost.
+        """
+        assert self.decoder is not None
+        cfg = self.cfg
+        seqs = min(obs.shape[1], -(-cfg.decoder_batch // obs.shape[0]) + 1)
+        with torch.no_grad():
+            post, _ = self.model.observe(obs[:, :seqs], actions[:, :seqs], generator=self.generator)
+        flat = State(*(x.reshape(-1, x.shape[-1]) for x in post))
+        pick = torch.randperm(flat.deter.shape[0], generator=self.generator,
+                              device=self.device)[: cfg.decoder_batch]  # fmt: skip
+        states = State(*(x[pick] for x in flat))
+        cost = latent_planning_cost(
+            self.model, self.decoder, states, n_sample=cfg.latent_samples,
+            n_elite=cfg.latent_elites, n_iter=cfg.latent_iter, tau=cfg.latent_tau,
+            generator=self.generator, backward=cfg.dcem_backward,  # type: ignore[arg-type]
+        )  # fmt: skip
+        self.decoder_opt.zero_grad(set_to_none=True)
+        cost.backward()
+        torch.nn.utils.clip_grad_norm_(self.decoder.parameters(), cfg.grad_clip)
+        self.decoder_opt.step()
+        return float(cost)
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -270,6 +396,8 @@ class Agent:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "replay": replay, "generator": self.generator.get_state(),
             "counters": dict(self.counters), "wall_seconds": self.wall_seconds,
+            **({"decoder": self.decoder.state_dict(), "decoder_opt": self.decoder_opt.state_dict()}
+               if self.decoder is not None else {}),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
@@ -282,7 +410,7 @@ class Agent:
                 f"{path} is a checkpoint of task {state.get('task')!r}, not {self.cfg.task!r}"
             )
         old, new = state.get("config", {}), self.cfg.to_json()
-        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        diff = _config_diff(old, new)
         if diff:
             detail = ", ".join(f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in diff[:3])
             raise CheckpointError(f"{path} was written with another config ({detail})")
@@ -290,6 +418,9 @@ class Agent:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.replay.load_state_dict({k: v.numpy() for k, v in state["replay"].items()})
+            if self.decoder is not None:
+                self.decoder.load_state_dict(state["decoder"])
+                self.decoder_opt.load_state_dict(state["decoder_opt"])
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"{path} does not fit this model: {err}") from err
         self.generator.set_state(state["generator"])
@@ -355,9 +486,36 @@ def _evaluate_agent(
 # --------------------------------------------------------------------------- training
 
 
+def _init_from(agent: Agent, run: Path) -> None:
+    """Phase 2 start: the world model, its optimizer and (``keep_replay``) the replay of the
+    phase-1 run in ``run``; refuses a run of another task or other model sizes."""
+    cfg = agent.cfg
+    path = run / "ckpt" / "latest.pt"
+    if not path.is_file():
+        raise RunFolderError(f"init_from: {run} has no checkpoint (ckpt/latest.pt)")
+    state = common.load_checkpoint(path)
+    if state.get("task") != cfg.task:
+        raise CheckpointError(f"init_from: {path} is a run of task {state.get('task')!r}, "
+                              f"not {cfg.task!r}")  # fmt: skip
+    try:
+        if not cfg.reinit_model:
+            agent.model.load_state_dict(state["model"])
+            agent.optimizer.load_state_dict(state["optimizer"])
+        if cfg.keep_replay:
+            agent.replay.load_state_dict({k: v.numpy() for k, v in state["replay"].items()})
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"init_from: {path} does not fit this model: {err}") from err
+    log.info("phase 2 from %s (%d env steps): model %s, replay %s", run,
+             int(state["counters"]["env_step"]), "re-initialized" if cfg.reinit_model else
+             "loaded", f"{agent.replay.num_episodes} episodes" if cfg.keep_replay else
+             "deleted")  # fmt: skip
+
+
 def _resume(agent: Agent, out: Path) -> None:
     path = out / "ckpt" / "latest.pt"
     if not path.exists():
+        if agent.cfg.init_from:
+            _init_from(agent, Path(agent.cfg.init_from))
         return
     agent.load_state_dict(common.load_checkpoint(path), path)
     episode = agent.counters["episode"]
@@ -436,7 +594,7 @@ def _train_episode(agent: Agent, env: DMCEnv) -> dict[str, Any]:
     losses: list[dict[str, float]] = []
 
     def on_step(t: int) -> None:
-        if t % interval == 0:
+        if t % interval == 0 and agent.can_update():
             losses.append(agent.update(cfg.updates_per_round))
 
     mode = "seed" if c["episode"] < cfg.seed_episodes else "train"
@@ -445,8 +603,9 @@ def _train_episode(agent: Agent, env: DMCEnv) -> dict[str, Any]:
     c["env_step"] += env.steps
     c["episode"] += 1
     agent.wall_seconds += time.perf_counter() - start
-    mean = {k: float(np.mean([x[k] for x in losses])) if losses else "" for k in
-            ("obs_loss", "reward_loss", "kl_loss", "kl_raw")}  # fmt: skip
+    keys = ("obs_loss", "reward_loss", "kl_loss", "kl_raw", "decoder_cost")
+    mean = {k: float(np.mean([x[k] for x in losses if k in x])) if any(k in x for x in losses)
+            else "" for k in keys}  # fmt: skip
     return {"env_step": c["env_step"], "episode": c["episode"] - 1, "phase": mode,
             "return": ret, **mean, "updates": c["updates"],
             "wall_seconds": round(agent.wall_seconds, 2)}  # fmt: skip
@@ -456,6 +615,8 @@ def _postfix(row: dict[str, Any]) -> str:
     text = f"return {row['return']:.0f}"
     if row["obs_loss"] != "":
         text += f" obs {row['obs_loss']:.3g} rew {row['reward_loss']:.3g} kl {row['kl_raw']:.3g}"
+    if row.get("decoder_cost", "") != "":
+        text += f" plan cost {row['decoder_cost']:.3g}"
     return text
 
 
@@ -495,7 +656,7 @@ def _finish(agent: Agent, env: DMCEnv, out: Path) -> dict[str, Any]:
         "final_eval_env_step": last_step if final else None,
         "best_eval_return": float(np.mean(best[1])) if best[1] else None,
         "best_eval_env_step": best[0],
-        "trajectories_per_decision": agent.cfg.plan_samples * agent.cfg.plan_iter,
+        "trajectories_per_decision": agent.cfg.trajectories_per_decision(),
     }  # fmt: skip
     common.atomic_write_json(out / "summary.json", summary)
     plot(out)
@@ -525,33 +686,52 @@ def write_video(agent: Agent, env: DMCEnv, path: Path) -> bool:
 
 
 def evaluate(
-    out: Path, *, episodes: int, planner: str = "cem", device: str = "cpu", video: bool = False,
-    show_progress: bool = True,
+    out: Path, *, episodes: int, planner: str | None = None, device: str = "cpu",
+    video: bool = False, sizes: tuple[int, int, int] | None = None, show_progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
-    """Evaluate the latest checkpoint of the run in ``out``; writes ``eval/{planner}.json``.
+    """Evaluate the latest checkpoint of the run in ``out`` with a noise-free planner.
 
-    Episodes are the run's evaluation episodes ``0..episodes-1`` (fixed seeds), acted on by
-    the noise-free planner. Returns the record written (returns, mean, std, median, counts).
+    Args:
+        out: run folder. episodes: evaluation episodes ``0..episodes-1`` (fixed seeds, the
+            run's own evaluation episodes).
+        planner: ``cem`` or ``latent`` (default: the run's); ``latent`` needs a run trained
+            with the latent planner, ``cem`` works on any run (same world model).
+        sizes: ``(candidates, elites, iterations)`` of that planner (default: the run's).
+        video: also render the first episode to ``eval-{planner}.gif``.
+
+    Returns:
+        The record also written to ``eval/{planner}-{candidates}x{iterations}.json``: returns,
+        mean, std, median, trajectories per decision, seconds.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
-    if planner not in PLANNERS:
+    if planner is not None and planner not in PLANNERS:
         raise ValueError(f"planner must be one of {', '.join(PLANNERS)}, got {planner!r}")
     cfg = load_config(out, device=device)
+    planner = planner or cfg.planner
     path = Path(out) / "ckpt" / "latest.pt"
     if not path.exists():
         raise RunFolderError(f"{out} has no checkpoint to evaluate (ckpt/latest.pt)")
+    if planner == "latent" and cfg.planner != "latent":
+        raise ValueError(f"planner latent needs a run trained with --planner latent; {out} "
+                         f"was trained with {cfg.planner}")  # fmt: skip
     env = make_env(cfg.task, seed=cfg.seed, action_repeat=cfg.repeat,
                    episode_steps=cfg.episode_steps)  # fmt: skip
     try:
         agent = Agent(cfg, env)
         agent.load_state_dict(common.load_checkpoint(path), path)
+        agent.planner = planner
+        if sizes is not None:
+            if sizes[1] >= sizes[0]:
+                raise ValueError(f"elites must be < candidates, got {sizes[1]} >= {sizes[0]}")
+            setattr(agent, "latent_sizes" if planner == "latent" else "cem_sizes", sizes)
+        n_sample, _, n_iter = agent.latent_sizes if planner == "latent" else agent.cem_sizes
         start = time.perf_counter()
         from tqdm.auto import tqdm
 
         returns = [
             _evaluate_agent(agent, env, [i])[0]
-            for i in tqdm(range(episodes), desc=f"eval {cfg.task}", unit="ep",
+            for i in tqdm(range(episodes), desc=f"eval {cfg.task} {planner}", unit="ep",
                           disable=None if show_progress else True)
         ]  # fmt: skip
         if video:
@@ -561,12 +741,44 @@ def evaluate(
     record = {
         "run": str(out), "task": cfg.task, "planner": planner,
         "env_steps_trained": agent.counters["env_step"], "episodes": episodes,
-        "trajectories_per_decision": cfg.plan_samples * cfg.plan_iter,
+        "candidates": n_sample, "iterations": n_iter,
+        "trajectories_per_decision": n_sample * n_iter,
         "returns": returns, "mean": float(np.mean(returns)), "std": float(np.std(returns)),
         "median": float(np.median(returns)), "seconds": round(time.perf_counter() - start, 1),
     }  # fmt: skip
-    common.atomic_write_json(Path(out) / "eval" / f"{planner}.json", record)
+    common.atomic_write_json(Path(out) / "eval" / f"{planner}-{n_sample}x{n_iter}.json", record)
     return record
+
+
+def plot_eval(records: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Box plot of evaluation returns per task and planner (the layout of the paper's fig. 4).
+
+    One panel per task, one box per record (run and planner), labelled with the planner and
+    its imagined trajectories per decision; drawn from the records of :func:`evaluate` alone.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in records})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    names = {"cem": "Full CEM", "latent": "Latent DCEM"}
+    for ax, task in zip(axes[0], tasks, strict=True):
+        group = [r for r in records if r["task"] == task]
+        ax.boxplot([r["returns"] for r in group], widths=0.5)
+        ax.set_xticks(range(1, len(group) + 1))
+        ax.set_xticklabels([f"{names.get(r['planner'], r['planner'])}\n"
+                            f"{r['trajectories_per_decision']:,} traj./dec." for r in group],
+                           fontsize=8)  # fmt: skip
+        ax.set_title(task)
+        ax.set_ylabel(f"Reward ({group[0]['episodes']} episodes)")
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    with common.atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=100)
+    plt.close(fig)
+    return Path(path)
 
 
 # --------------------------------------------------------------------------- figure
