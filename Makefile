@@ -38,6 +38,7 @@ bench: setup
 	$(PY) benchmarks/optim.py --out benchmarks/out/optim.json
 	$(PY) benchmarks/control.py --out benchmarks/out/control.json
 	$(PY) benchmarks/planner.py --out benchmarks/out/planner.json
+	$(PY) benchmarks/phase2.py --out benchmarks/out/phase2.json
 
 reproduce: setup
 	$(PY) -m dcem regression --out runs/regression

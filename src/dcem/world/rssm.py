@@ -25,7 +25,8 @@ inputs must match them.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +142,11 @@ class RSSM(nn.Module):
         self.posterior = mlp(deter_size + hidden_size, hidden_size, n_layers, 2 * stoch_size)
         self.decoder = mlp(feat, hidden_size, n_layers, obs_size)
         self.reward = mlp(feat, hidden_size, n_layers, 1)
+        self._stacked: tuple[list[Tensor], _StackedWeights] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copies and pickles leave the cache of ``imagined_return`` behind (rebuilt on use)
+        return {**super().__getstate__(), "_stacked": None}
 
     # ----------------------------------------------------------------- one step
     def initial_state(self, batch_shape: tuple[int, ...] | torch.Size) -> State:
@@ -325,7 +331,9 @@ class RSSM(nn.Module):
         * every intermediate lives in a buffer allocated once per call (``out=``, in-place);
         * the GRU's ``tanh`` is evaluated as ``2 sigmoid(2 x) - 1`` with the factor 2 folded
           into the weights (``tanh`` is several times slower than ``sigmoid`` on CPU);
-        * the final reward layer is linear, so it is applied once to the sum of its inputs.
+        * the final reward layer is linear, so it is applied once to the sum of its inputs;
+        * the stacked weights are cached between calls and rebuilt whenever a parameter they
+          are made of has changed (see ``_stacked_weights``).
 
         Args:
             state: start state, leading shape ``(...)``.
@@ -338,7 +346,7 @@ class RSSM(nn.Module):
         """
         noise = self._imagination_noise(state, actions, sample, generator)
         horizon, batch = actions.shape[0], actions.shape[1:-1]
-        w, m = _StackedWeights(self), math.prod(batch)
+        w, m = self._stacked_weights(), math.prod(batch)
         buf = _Workspace(w, m, self.deter_size, self.stoch_size, actions)
         h = state.deter.reshape(m, self.deter_size)
         actions = actions.reshape(horizon, m, self.action_size)
@@ -365,6 +373,23 @@ class RSSM(nn.Module):
             gh, stoch_in = hx[:, 2 * w.hidden :], sx[:, w.hidden :]
         total = torch.addmm(w.reward_out_bias * horizon, buf.reward_sum, w.reward_out)
         return total.view(batch)
+
+    def _stacked_weights(self) -> _StackedWeights:
+        """``_StackedWeights(self)``, rebuilt only when a parameter it is made of has changed.
+
+        The cache is keyed on the parameters' values: each is compared with a snapshot taken
+        at the last build (``torch.equal``, about a third of the cost of a rebuild on CPU).
+        Autograd's version counters would be cheaper but miss writes that bypass them (fused
+        optimizers such as ``Adam(fused=True)``, writes through ``.data``); data pointers alone
+        miss every in-place update (optimizer steps, ``load_state_dict``).
+        """
+        modules = (self.input, self.gru, self.prior, self.reward)
+        params = [p for m in modules for p in m.parameters()]
+        if self._stacked is not None and _same_values(params, self._stacked[0]):
+            return self._stacked[1]
+        weights = _StackedWeights(self)
+        self._stacked = ([p.detach().clone() for p in params], weights)
+        return weights
 
     # ------------------------------------------------------------------ loss
     def loss(
@@ -436,6 +461,14 @@ class RSSM(nn.Module):
                 f"actions must have shape (T, B, a) = {(*obs.shape[:2], self.action_size)}, "
                 f"got {tuple(actions.shape)}"
             )
+
+
+def _same_values(params: Sequence[Tensor], snapshot: Sequence[Tensor]) -> bool:
+    """Whether ``params`` equal ``snapshot`` elementwise, with the same shapes, dtypes, devices."""
+    return len(params) == len(snapshot) and all(
+        p.shape == s.shape and p.dtype == s.dtype and p.device == s.device and torch.equal(p, s)
+        for p, s in zip(params, snapshot, strict=True)
+    )
 
 
 def _stack(states: list[State]) -> State:
