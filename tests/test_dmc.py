@@ -23,7 +23,7 @@ from dcem.world import make_env  # noqa: E402
 
 TASK = "cartpole-swingup"
 QUICK = ["--quick", "--task", TASK, "--no-video"]
-PHASE2 = [*QUICK, "--planner", "latent", "--seed-episodes", "0"]
+PHASE2 = [*QUICK, "--planner", "latent", "--seed-episodes", "0", "--decoder-warmup", "3"]
 
 
 def _env() -> dict[str, str]:
@@ -227,6 +227,7 @@ def test_phase_two_starts_from_phase_one_and_trains_the_decoder(phase1, phase2, 
     n = p1["replay"]["obs"].shape[0]
     assert torch.equal(p2["replay"]["obs"][:n], p1["replay"]["obs"])
     assert p2["replay"]["obs"].shape[0] > n and "decoder" in p2 and "decoder_opt" in p2
+    assert p2["counters"]["warmup"] == 3  # decoder warm-up on the phase-1 replay, done once
     rows = [r for r in _rows(phase2) if r["phase"] == "train"]
     assert rows and all(r["decoder_cost"] != "" for r in rows)
     # phase 2 starts from phase 1's model and optimizer (or a fresh model on request)

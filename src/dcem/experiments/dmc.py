@@ -150,6 +150,9 @@ class DMCConfig:
     decoder_batch: int = field(
         default=16, metadata=_doc("belief states from the replay batch per decoder update")
     )
+    decoder_warmup: int = field(
+        default=0, metadata=_doc("decoder updates on the replay before the first episode")
+    )
     dcem_backward: str = field(
         default="full",
         metadata=_doc(
@@ -170,7 +173,7 @@ class DMCConfig:
                      "decoder_batch"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("action_repeat", "seed_episodes", "seed"):
+        for name in ("action_repeat", "seed_episodes", "seed", "decoder_warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "adam_eps", "grad_clip", "latent_tau", "decoder_lr"):
@@ -281,7 +284,7 @@ class Agent:
         self.generator = torch.Generator(self.device).manual_seed(_seed(cfg.seed, TRAIN_STREAM))
         self.low = torch.as_tensor(env.action_low, device=self.device)
         self.high = torch.as_tensor(env.action_high, device=self.device)
-        self.counters = {"episode": 0, "env_step": 0, "updates": 0, "evals": 0}
+        self.counters = {"episode": 0, "env_step": 0, "updates": 0, "evals": 0, "warmup": 0}
         self.wall_seconds = 0.0
         self.planner = cfg.planner
         self.cem_sizes = (cfg.plan_samples, cfg.plan_elites, cfg.plan_iter)
@@ -424,7 +427,7 @@ class Agent:
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"{path} does not fit this model: {err}") from err
         self.generator.set_state(state["generator"])
-        self.counters = {k: int(v) for k, v in state["counters"].items()}
+        self.counters.update({k: int(v) for k, v in state["counters"].items()})
         self.wall_seconds = float(state["wall_seconds"])
 
 
@@ -568,9 +571,28 @@ def train(cfg: DMCConfig, out: Path, *, show_progress: bool = True) -> dict[str,
     return summary
 
 
+def _warm_up_decoder(agent: Agent, out: Path) -> None:
+    """``decoder_warmup`` decoder updates on replay batches before acting (checkpointed every
+    10), so that the latent planner starts from a decoder fitted to the phase-1 model."""
+    cfg, c = agent.cfg, agent.counters
+    while agent.decoder is not None and c["warmup"] < cfg.decoder_warmup and agent.can_update():
+        start, costs = time.perf_counter(), []
+        for _ in range(min(10, cfg.decoder_warmup - c["warmup"])):
+            batch = agent.replay.sample(cfg.batch_size, cfg.seq_len)
+            obs, actions = (torch.as_tensor(batch[k], device=agent.device)
+                            for k in ("obs", "action"))  # fmt: skip
+            costs.append(agent.update_decoder(obs, actions))
+            c["warmup"] += 1
+        agent.wall_seconds += time.perf_counter() - start
+        log.info("decoder warm-up %d / %d: imagined cost %.3f", c["warmup"], cfg.decoder_warmup,
+                 float(np.mean(costs)))  # fmt: skip
+        _save(agent, out, [])
+
+
 def _train_loop(agent: Agent, env: DMCEnv, out: Path, bar: Any) -> None:
     cfg, c = agent.cfg, agent.counters
     rows: list[dict[str, Any]] = []
+    _warm_up_decoder(agent, out)
     while c["env_step"] < cfg.env_steps:
         steps_before = c["env_step"]
         row = _train_episode(agent, env)
