@@ -269,6 +269,7 @@ def test_eval_of_both_planners_draws_the_box_plot(phase1, phase2, tmp_path) -> N
                 "--elites", "3", "--iterations", "2")  # fmt: skip
     assert json.loads(done.stdout)["trajectories_per_decision"] == 60
     assert (phase2 / "eval" / "cem-30x2.json").is_file()
+    assert len(dmc.eval_records([phase2])) == 3  # what --plot draws: every record kept
     # a phase-1 run has no decoder: the latent planner is refused with a clear message
     done = _cli("eval", phase1, "--episodes", "1", "--planner", "latent")
     assert done.returncode == 2 and "--planner latent" in done.stderr

@@ -307,8 +307,8 @@ def _add_dmc(parser: argparse.ArgumentParser) -> None:
                        ("--iterations", "iterations")):  # fmt: skip
         evaluate.add_argument(flag, type=_positive_int, default=None,
                               help=f"planner {what} per decision (default: the run's)")  # fmt: skip
-    evaluate.add_argument("--plot", type=Path, default=None, help="also draw a box plot "
-                          "of the returns of every run and planner (paper fig. 4)")  # fmt: skip
+    evaluate.add_argument("--plot", type=Path, default=None, help="also draw a box plot of "
+                          "every record in the runs' eval/ folders (paper fig. 4)")  # fmt: skip
     evaluate.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     evaluate.add_argument("--video", action="store_true", help="also render eval-PLANNER.gif")
 
@@ -366,7 +366,7 @@ def _run_dmc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                          record["mean"], record["episodes"])  # fmt: skip
                 records.append(record)
         if args.plot is not None:
-            log.info("wrote %s", dmc.plot_eval(records, args.plot))
+            log.info("wrote %s", dmc.plot_eval(dmc.eval_records(args.runs), args.plot))
         print(json.dumps(records if len(records) > 1 else records[0], indent=2))
         return 0
     try:

@@ -65,9 +65,11 @@ __all__ = [
     "CheckpointError",
     "DMCConfig",
     "RunFolderError",
+    "eval_records",
     "evaluate",
     "load_config",
     "plot",
+    "plot_eval",
     "train",
 ]
 
@@ -770,6 +772,15 @@ def evaluate(
     }  # fmt: skip
     common.atomic_write_json(Path(out) / "eval" / f"{planner}-{n_sample}x{n_iter}.json", record)
     return record
+
+
+def eval_records(runs: Sequence[Path]) -> list[dict[str, Any]]:
+    """Every record :func:`evaluate` wrote in the ``eval/`` folders of ``runs``, in order."""
+    records = []
+    for run in runs:
+        for path in sorted((Path(run) / "eval").glob("*.json")):
+            records.append(json.loads(path.read_text(encoding="utf-8")))
+    return records
 
 
 def plot_eval(records: Sequence[dict[str, Any]], path: Path) -> Path:
