@@ -858,7 +858,9 @@ def plot(out: Path) -> Path:
         ax.set_title(title)
         ax.set_xlabel("1k Steps")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"PlaNet {cfg.task} ({cfg.planner} planner, {cfg.plan_samples} candidates)")
+    name = "PlaNet+DCEM" if cfg.planner == "latent" else "PlaNet"
+    fig.suptitle(f"{name} {cfg.task} ({cfg.planner} planner, "
+                 f"{cfg.trajectories_per_decision():,} trajectories per decision)")  # fmt: skip
     fig.tight_layout()
     path = Path(out) / "training.png"
     with common.atomic_open(path, "wb") as handle:
