@@ -802,10 +802,10 @@ def plot_eval(records: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.boxplot([r["returns"] for r in group], widths=0.5)
         ax.set_xticks(range(1, len(group) + 1))
         ax.set_xticklabels([f"{names.get(r['planner'], r['planner'])}\n"
-                            f"{r['trajectories_per_decision']:,} traj./dec." for r in group],
-                           fontsize=8)  # fmt: skip
+                            f"{r['trajectories_per_decision']:,} traj./dec.\n"
+                            f"{r['episodes']} episodes" for r in group], fontsize=8)  # fmt: skip
         ax.set_title(task)
-        ax.set_ylabel(f"Reward ({group[0]['episodes']} episodes)")
+        ax.set_ylabel("Reward")
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     with common.atomic_open(path, "wb") as handle:
