@@ -53,6 +53,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "check_out_folder",
+    "config_diff",
     "checkpointed",
     "git_commit",
     "job_done",
@@ -351,12 +352,27 @@ class RunFolderError(ValueError):
     """The output folder holds something this run must not resume from or overwrite."""
 
 
-def check_out_folder(out: Path, experiment: str, config: Mapping[str, Any]) -> None:
+def config_diff(
+    old: Mapping[str, Any], new: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+) -> str:
+    """The fields whose values differ, as ``"k: old -> new"`` for up to three of them; ``""``
+    if none. A field missing from one side counts as its value in ``defaults`` (if given)."""
+    fill = defaults or {}
+    diff = sorted(k for k in old.keys() | new.keys()
+                  if old.get(k, fill.get(k)) != new.get(k, fill.get(k)))  # fmt: skip
+    return ", ".join(f"{k}: {old.get(k, fill.get(k))!r} -> {new.get(k, fill.get(k))!r}"
+                     for k in diff[:3])  # fmt: skip
+
+
+def check_out_folder(
+    out: Path, experiment: str, config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+) -> None:
     """Raise :class:`RunFolderError` unless ``out`` is new, empty, or a run of ``experiment``.
 
     ``config``: the resolved config of this run as JSON values (the config's ``to_json()``);
     a folder whose ``config.json`` records another config is refused, naming up to three of
-    the differing fields. A folder holding only its ``.lock`` counts as empty.
+    the differing fields (see :func:`config_diff`; ``defaults`` stand in for fields an older
+    record lacks). A folder holding only its ``.lock`` counts as empty.
     """
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"{out} exists and is not a folder")
@@ -373,10 +389,8 @@ def check_out_folder(out: Path, experiment: str, config: Mapping[str, Any]) -> N
         raise RunFolderError(
             f"{out} holds results of experiment {record.get('experiment')!r}, not {experiment!r}"
         )
-    old, new = record.get("config", {}), dict(config)
-    diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    if diff:
-        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:3])
+    detail = config_diff(record.get("config", {}), config, defaults)
+    if detail:
         raise RunFolderError(f"{out} holds a {experiment} run with a different config ({detail})")
 
 

@@ -229,12 +229,8 @@ class DMCConfig:
         return self.plan_samples * self.plan_iter
 
 
-def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Fields that differ; a field missing from ``old`` (an older record) counts as default."""
-    defaults = DMCConfig().to_json()
-    return sorted(k for k in old.keys() | new.keys()
-                  if old.get(k, defaults.get(k)) != new.get(k, defaults.get(k)))  # fmt: skip
-
+DEFAULTS = DMCConfig().to_json()
+"""Default values: they stand in for fields a run folder recorded before they existed."""
 
 QUICK = {
     "latent_dim": 2, "latent_samples": 10, "latent_elites": 3, "latent_iter": 2,
@@ -339,16 +335,25 @@ class Agent:
         bounds = self.replay.episode_bounds() if self.replay.num_episodes else None
         return bounds is not None and bool((bounds[:, 1] - bounds[:, 0] >= self.cfg.seq_len).any())
 
+    def sample_batch(self) -> tuple[Tensor, Tensor, Tensor]:
+        """A replay batch on the model's device: ``obs (L, B, o)``, ``actions``, ``rewards``."""
+        batch = self.replay.sample(self.cfg.batch_size, self.cfg.seq_len)
+        obs, actions, rewards = (torch.as_tensor(batch[k], device=self.device)
+                                 for k in ("obs", "action", "reward"))  # fmt: skip
+        return obs, actions, rewards
+
     def update(self, n: int) -> dict[str, float]:
         """``n`` Adam updates of the model on replay batches (each followed, with the latent
-        planner, by a decoder update every ``decoder_every``); the mean of each loss term."""
-        totals = dict.fromkeys(("obs_loss", "reward_loss", "kl_loss", "kl_raw"), 0.0)
-        decoder_costs: list[float] = []
+        planner, by a decoder update every ``decoder_every``); the mean of each loss term.
+
+        The loss terms stay on the device until the end of the round: one host sync per call.
+        """
+        keys = ("obs_loss", "reward_loss", "kl_loss", "kl_raw")
+        sums = torch.zeros(len(keys), device=self.device)
+        decoder_costs: list[Tensor] = []
         cfg = self.cfg
         for _ in range(n):
-            batch = self.replay.sample(cfg.batch_size, cfg.seq_len)
-            obs, actions, rewards = (torch.as_tensor(batch[k], device=self.device)
-                                     for k in ("obs", "action", "reward"))  # fmt: skip
+            obs, actions, rewards = self.sample_batch()
             terms = self.model.loss(
                 obs, actions, rewards, free_nats=cfg.free_nats, generator=self.generator
             )
@@ -356,24 +361,24 @@ class Agent:
             terms.total.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             self.optimizer.step()
-            values = torch.stack([terms.obs, terms.reward, terms.kl, terms.kl_raw]).tolist()
-            for key, value in zip(totals, values, strict=True):
-                totals[key] += value / n
+            sums += torch.stack([terms.obs, terms.reward, terms.kl, terms.kl_raw]).detach()
             self.counters["updates"] += 1
             if self.decoder is not None and self.counters["updates"] % cfg.decoder_every == 0:
                 decoder_costs.append(self.update_decoder(obs, actions))
-        if decoder_costs:
-            totals["decoder_cost"] = float(np.mean(decoder_costs))
-        return totals
+        values = (sums / n).tolist() + ([float(torch.stack(decoder_costs).mean())]
+                                        if decoder_costs else [])  # fmt: skip
+        return dict(zip((*keys, "decoder_cost"), values, strict=False))
 
-    def update_decoder(self, obs: Tensor, actions: Tensor) -> float:
+    def update_decoder(self, obs: Tensor, actions: Tensor) -> Tensor:
         """One decoder step through DCEM on belief states of a replay batch ``(L, B, ·)``.
 
         The posteriors of the batch's first sequences (enough for ``decoder_batch`` states)
         are computed without gradient; ``decoder_batch`` of them, drawn uniformly, are the
-        start states of the embedded control problem. Returns the mean imagined cost.
+        start states of the embedded control problem. Returns the mean imagined cost (a
+        detached scalar tensor, so that a round of updates syncs with the host once).
         """
-        assert self.decoder is not None
+        if self.decoder is None:
+            raise ValueError("decoder updates need a run trained with --planner latent")
         cfg = self.cfg
         seqs = min(obs.shape[1], -(-cfg.decoder_batch // obs.shape[0]) + 1)
         with torch.no_grad():
@@ -391,7 +396,7 @@ class Agent:
         cost.backward()
         torch.nn.utils.clip_grad_norm_(self.decoder.parameters(), cfg.grad_clip)
         self.decoder_opt.step()
-        return float(cost)
+        return cost.detach()
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -414,15 +419,13 @@ class Agent:
             raise CheckpointError(
                 f"{path} is a checkpoint of task {state.get('task')!r}, not {self.cfg.task!r}"
             )
-        old, new = state.get("config", {}), self.cfg.to_json()
-        diff = _config_diff(old, new)
-        if diff:
-            detail = ", ".join(f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in diff[:3])
+        detail = common.config_diff(state.get("config", {}), self.cfg.to_json(), DEFAULTS)
+        if detail:
             raise CheckpointError(f"{path} was written with another config ({detail})")
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-            self.replay.load_state_dict({k: v.numpy() for k, v in state["replay"].items()})
+            _load_replay(self.replay, state)
             if self.decoder is not None:
                 self.decoder.load_state_dict(state["decoder"])
                 self.decoder_opt.load_state_dict(state["decoder_opt"])
@@ -431,6 +434,11 @@ class Agent:
         self.generator.set_state(state["generator"])
         self.counters.update({k: int(v) for k, v in state["counters"].items()})
         self.wall_seconds = float(state["wall_seconds"])
+
+
+def _load_replay(replay: ReplayBuffer, state: dict[str, Any]) -> None:
+    """Restore ``replay`` from a checkpoint's ``"replay"`` tensors (see ``Agent.state_dict``)."""
+    replay.load_state_dict({k: v.numpy() for k, v in state["replay"].items()})
 
 
 # --------------------------------------------------------------------------- episodes
@@ -507,7 +515,7 @@ def _init_from(agent: Agent, run: Path) -> None:
             agent.model.load_state_dict(state["model"])
             agent.optimizer.load_state_dict(state["optimizer"])
         if cfg.keep_replay:
-            agent.replay.load_state_dict({k: v.numpy() for k, v in state["replay"].items()})
+            _load_replay(agent.replay, state)
     except (KeyError, RuntimeError, ValueError) as err:
         raise CheckpointError(f"init_from: {path} does not fit this model: {err}") from err
     log.info("phase 2 from %s (%d env steps): model %s, replay %s", run,
@@ -549,7 +557,7 @@ def _progress(cfg: DMCConfig, done: int, show: bool) -> Any:
 
 def check_out_folder(out: Path, cfg: DMCConfig) -> None:
     """Raise :class:`RunFolderError` unless ``out`` is new, empty or a run of this config."""
-    common.check_out_folder(out, EXPERIMENT, cfg.to_json())
+    common.check_out_folder(out, EXPERIMENT, cfg.to_json(), DEFAULTS)
 
 
 def train(cfg: DMCConfig, out: Path, *, show_progress: bool = True) -> dict[str, Any]:
@@ -580,14 +588,12 @@ def _warm_up_decoder(agent: Agent, out: Path) -> None:
     while agent.decoder is not None and c["warmup"] < cfg.decoder_warmup and agent.can_update():
         start, costs = time.perf_counter(), []
         for _ in range(min(10, cfg.decoder_warmup - c["warmup"])):
-            batch = agent.replay.sample(cfg.batch_size, cfg.seq_len)
-            obs, actions = (torch.as_tensor(batch[k], device=agent.device)
-                            for k in ("obs", "action"))  # fmt: skip
+            obs, actions, _ = agent.sample_batch()
             costs.append(agent.update_decoder(obs, actions))
             c["warmup"] += 1
         agent.wall_seconds += time.perf_counter() - start
         log.info("decoder warm-up %d / %d: imagined cost %.3f", c["warmup"], cfg.decoder_warmup,
-                 float(np.mean(costs)))  # fmt: skip
+                 float(torch.stack(costs).mean()))  # fmt: skip
         _save(agent, out, [])
 
 
