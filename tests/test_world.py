@@ -21,15 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(deter_size=8, stoch_size=3, hidden_size=16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops are far faster on one thread, especially on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(obs_size: int = 5, action_size: int = 2, **kwargs) -> RSSM:
     torch.manual_seed(0)
     return RSSM(obs_size, action_size, **{**TINY, **kwargs})
