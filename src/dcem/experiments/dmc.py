@@ -124,6 +124,10 @@ class DMCConfig:
     plan_iter: int = field(default=10, metadata=_doc("CEM iterations per decision"))
     plan_samples: int = field(default=1000, metadata=_doc("CEM candidates per iteration"))
     plan_elites: int = field(default=100, metadata=_doc("CEM elites per iteration"))
+    plan_sample: bool = field(
+        default=True,
+        metadata=_doc("imagine with samples of the prior (PlaNet); --no-plan-sample: its mean"),
+    )
     explore_noise: float = field(default=0.3, metadata=_doc("std of the exploration noise"))
     eval_every: int = field(default=10_000, metadata=_doc("env steps between evaluations"))
     eval_episodes: int = field(default=1, metadata=_doc("episodes per evaluation"))
@@ -310,14 +314,15 @@ class Agent:
             n_sample, n_elite, n_iter = self.latent_sizes
             action = plan_latent(
                 self.model, self.decoder, belief, n_sample=n_sample, n_elite=n_elite,
-                n_iter=n_iter, tau=self.cfg.latent_tau, generator=generator,
+                n_iter=n_iter, tau=self.cfg.latent_tau, sample=self.cfg.plan_sample,
+                generator=generator,
             )[0]  # fmt: skip
         else:
             n_sample, n_elite, n_iter = self.cem_sizes
             action = plan(
                 self.model, belief, action_low=self.low, action_high=self.high,
                 horizon=self.cfg.horizon, n_iter=n_iter, n_sample=n_sample, n_elite=n_elite,
-                generator=generator,
+                sample=self.cfg.plan_sample, generator=generator,
             )[0]  # fmt: skip
         if explore and self.cfg.explore_noise > 0:
             noise = torch.randn(action.shape, generator=generator, device=self.device)
