@@ -165,6 +165,7 @@ def bench_mlp(batch: int, hidden: int, repeats: int) -> dict:
         "share_outside_f": max(0.0, (total - inside) / total),
         "backward_modes": modes,
         "pruned_n_keep": 3 * K,
+        "pruned_n_anchor": K,
     }
 
 

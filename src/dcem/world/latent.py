@@ -264,7 +264,8 @@ def latent_policy(
     the decoder at ``z*`` and through the solve (reparameterized samples, soft top-k, refits).
     Arguments as in :func:`plan_latent`; ``backward`` is passed to :func:`dcem.dcem`
     (``"checkpoint"`` is exact; ``"pruned"`` approximates, and with ``sample=True`` its graph
-    pass sees the noise of the first ``n_keep + 1`` candidate slots rather than the kept ones').
+    pass sees the noise of the first ``n_keep + n_anchor + 1`` candidate slots rather than
+    the kept ones').
 
     Returns:
         ``(B, a)``; with ``return_plan`` also the decoded plan ``(B, H, a)``.
