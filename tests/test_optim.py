@@ -411,3 +411,23 @@ def test_trace_records_per_iteration_summaries() -> None:
         assert torch.allclose(mean, info.costs.mean(-1))
         assert torch.allclose(elite, (info.weights * info.costs).sum(-1) / 10)
         assert torch.all(elite <= mean)  # the elites are the cheaper samples
+
+
+def test_second_derivatives_under_torch_func_and_a_clear_error_otherwise() -> None:
+    def out(p: torch.Tensor) -> torch.Tensor:
+        cost = lambda x: ((x - p) ** 2 * (1 + x**2)).sum(-1)  # noqa: E731
+        return dcem.dcem(cost, torch.zeros(1, 2, dtype=F64), n_iter=3, generator=gen(0))[0, 0]
+
+    p = torch.tensor([0.3, -0.2], dtype=F64)
+    grad0 = lambda p: torch.func.grad(out)(p)[0]  # noqa: E731
+    second = torch.func.grad(grad0)(p)
+    h = 1e-5
+    for i in range(2):
+        e = torch.zeros(2, dtype=F64)
+        e[i] = h
+        fd = (grad0(p + e) - grad0(p - e)) / (2 * h)
+        assert abs(float(second[i]) - float(fd)) <= 1e-4 * max(1.0, abs(float(fd)))
+    q = p.clone().requires_grad_()
+    (g,) = torch.autograd.grad(out(q), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()

@@ -213,9 +213,10 @@ class _SoftRefit(torch.autograd.Function):
     * standardization ``z = (mean - v) / std`` (unbiased std):
       ``g_v = (-g_z + mean(g_z) + z sum(g_z z) / (N - 1)) / std``.
 
-    Small problems are overhead-bound: one node instead of about twenty halves the
-    per-iteration cost of the backward pass. Once differentiable (the general path
-    serves double backward and ``torch.func``).
+    Small problems are overhead-bound: one node instead of about twenty cuts the
+    per-iteration overhead (see ``benchmarks/optim.py``). Once differentiable: a second
+    derivative through :func:`dcem` raises; under ``torch.func`` transforms the general,
+    autograd-composed path is used instead.
     """
 
     @staticmethod
@@ -590,7 +591,9 @@ def dcem(
 
     Returns:
         The final mean ``(B, d)`` (or ``(d,)``), clamped to the bounds.
-        Gradients reach the parameters of ``f``, ``init_mu`` and ``init_sigma``.
+        Gradients reach the parameters of ``f``, ``init_mu`` and ``init_sigma``
+        (first derivatives by backpropagation through every iteration, with the soft
+        top-k's implicit gradient; second derivatives only under ``torch.func``).
     """
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < math.inf:
         raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
