@@ -222,7 +222,10 @@ class _SoftRefit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: Tensor, x: Tensor, k: int, tau: float, normalize: bool):  # type: ignore[override]
         ctx.k, ctx.tau, ctx.normalize = k, tau, normalize
-        ctx.small = x.device.type == "cpu" and x.numel() <= _SMALL_REFIT
+        ctx.small = (
+            x.device.type == "cpu" and x.numel() <= _SMALL_REFIT and v.dtype == x.dtype
+            and x.dtype in (torch.float32, torch.float64)
+        )  # fmt: skip
         if ctx.small:
             mu, sigma, w, ctx.arrays = _soft_refit_numpy(v, x, k, tau, normalize)
             ctx.mark_non_differentiable(w)
@@ -284,7 +287,7 @@ def _soft_refit_numpy(
     v: Tensor, x: Tensor, k: int, tau: float, normalize: bool
 ) -> tuple[Tensor, Tensor, Tensor, tuple]:
     """:class:`_SoftRefit`'s forward on small CPU tensors; returns mu, sigma, w, saved arrays."""
-    vn, xn = v.detach().numpy(), x.detach().numpy()
+    vn, xn = v.detach().numpy(), x.detach().numpy().copy()  # saved: x may be reused
     n = vn.shape[-1]
     eps, tiny = np.finfo(vn.dtype).eps, np.finfo(vn.dtype).tiny
     if normalize:
