@@ -431,3 +431,20 @@ def test_second_derivatives_under_torch_func_and_a_clear_error_otherwise() -> No
     (g,) = torch.autograd.grad(out(q), q, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_runs_and_agrees_with_float32(dtype: torch.dtype) -> None:
+    p32 = torch.tensor([[0.5, -1.0, 0.25], [1.5, 0.0, -0.5]])
+    outs, grads = [], []
+    for dt in (torch.float32, dtype):
+        p = p32.to(dt).clone().requires_grad_()
+        cost = lambda x, p=p: ((x - p.unsqueeze(1)) ** 2).sum(-1)  # noqa: E731
+        out = dcem.dcem(cost, torch.zeros(2, 3, dtype=dt), n_iter=10, generator=gen(3))
+        out.sum().backward()
+        assert out.dtype == dt and p.grad is not None and p.grad.dtype == dt
+        outs.append(out.float())
+        grads.append(p.grad.float())
+    assert torch.allclose(outs[1], p32, atol=0.15)  # the optimum of sum (x - p)^2 is p
+    assert torch.isfinite(grads[1]).all()
+    assert (grads[1] - grads[0]).norm() <= 0.25 * grads[0].norm()
