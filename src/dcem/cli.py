@@ -88,13 +88,19 @@ def _add_regression(parser: argparse.ArgumentParser) -> None:
         f"(default: {','.join(regression.METHODS)})"
     )  # fmt: skip
     parser.add_argument("--seeds", type=_seed_list, help="seeds, e.g. 0,1,2 (default: 0,1,2)")
-    parser.add_argument("--updates", type=_positive_int, help="Adam updates per job (60000)")
+    defaults = regression.RegressionConfig()
     parser.add_argument(
-        "--eval-every", type=_positive_int, help="updates between full-data MSE logs (300)"
-    )
+        "--updates", type=_positive_int,
+        help=f"Adam updates per job ({defaults.n_updates})",
+    )  # fmt: skip
     parser.add_argument(
-        "--checkpoint-every", type=_positive_int, help="updates between checkpoints (3000)"
-    )
+        "--eval-every", type=_positive_int,
+        help=f"updates between full-data MSE logs ({defaults.eval_every})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--checkpoint-every", type=_positive_int,
+        help=f"updates between checkpoints ({defaults.checkpoint_every})",
+    )  # fmt: skip
     parser.add_argument(
         "--workers", type=_positive_int, default=2, help="parallel job processes (default: 2)"
     )
