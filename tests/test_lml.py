@@ -258,3 +258,24 @@ def test_torch_compile_runs_with_graph_breaks() -> None:
     x.grad = None
     (dcem.lml(x, 3, 0.5) * x).sum().backward()
     assert torch.allclose(grad_compiled, x.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numpy_and_torch_stage1_agree(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small CPU inputs take the NumPy form of stage 1; both forms give the same projection."""
+    import importlib
+
+    lml_module = importlib.import_module("dcem.lml")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.cat([
+        torch.randn(3, 50, generator=gen, dtype=dtype),
+        10 * torch.randn(2, 50, generator=gen, dtype=dtype).pow(3),  # heavy tails: stage 2
+        torch.full((1, 50), math.inf, dtype=dtype).index_fill(1, torch.arange(45), 0.0),
+    ])  # fmt: skip
+    outs = []
+    for small in (10**9, 0):
+        monkeypatch.setattr(lml_module, "_SMALL", small)
+        outs.append(lml_module.lml(x, 7.0, 0.5))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(outs[0], outs[1], atol=tol, rtol=0)
+    assert torch.allclose(outs[0].sum(-1), torch.full((6,), 7.0, dtype=dtype), atol=7 * tol * 10)
