@@ -330,7 +330,8 @@ def _soft_refit_backward_numpy(ctx: Any, g_mu: Tensor, g_sigma: Tensor) -> tuple
     return torch.from_numpy(np.ascontiguousarray(g_v)), torch.from_numpy(g_x)
 
 
-def _fusable(v: Tensor) -> bool:
+def _fusable() -> bool:
+    """Whether :class:`_SoftRefit` may replace the composed path (not under torch.func/compile)."""
     return not (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling())
 
 
@@ -405,7 +406,7 @@ def dcem_step(
     x = _sample(mu, sigma, eps, lb, ub)
     v = _costs(f, x)
     reparam = lb is None and ub is None and eps.numel() >= _REPARAM_REFIT_MIN
-    if not reparam and _fusable(v) and _all_finite(v):
+    if not reparam and _fusable() and _all_finite(v):
         new_mu, new_sigma, weights = _SoftRefit.apply(v, x, n_elite, tau, normalize)
         return new_mu, new_sigma, x, v, weights
     weights = lml(_scores(v, normalize), n_elite, tau)
@@ -447,22 +448,16 @@ def _dcem_step_pruned(
         n_anchor = min(n_anchor, dropped.shape[1])
         picks = torch.linspace(0, max(dropped.shape[1] - 1, 0), n_anchor, device=x.device)
         graph_idx = torch.cat([order[:, :n_keep], dropped[:, picks.round().long()]], 1)
-    n_graph = graph_idx.shape[1]
     points = torch.cat(
         [x.gather(1, graph_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])),
          _finish(mu, lb, ub, single=False).unsqueeze(1)], 1,
     )  # fmt: skip
-    v_graph = f(points)
-    if not isinstance(v_graph, Tensor) or v_graph.shape != (x.shape[0], n_graph + 1):
-        raise ValueError(
-            f"f must return (B, N') costs for (B, N', d) samples {tuple(points.shape)}, got "
-            f"{getattr(v_graph, 'shape', type(v_graph))}"
-        )
+    v_graph = _costs(f, points)
     with torch.no_grad():
         nearest = torch.cdist(x.detach(), points.detach()).argmin(-1)  # (B, N)
     borrowed = v_graph.gather(1, nearest)
     v = (v_all + (borrowed - borrowed.detach())).scatter(1, graph_idx, v_graph[:, :-1])
-    if _fusable(v) and _all_finite(v):
+    if _fusable() and _all_finite(v):
         mu, sigma, weights = _SoftRefit.apply(v, x, n_elite, tau, normalize)
     else:
         weights = lml(_scores(v, normalize), n_elite, tau)

@@ -370,9 +370,10 @@ class Agent:
             self.counters["updates"] += 1
             if self.decoder is not None and self.counters["updates"] % cfg.decoder_every == 0:
                 decoder_costs.append(self.update_decoder(obs, actions))
-        values = (sums / n).tolist() + ([float(torch.stack(decoder_costs).mean())]
-                                        if decoder_costs else [])  # fmt: skip
-        return dict(zip((*keys, "decoder_cost"), values, strict=False))
+        means = dict(zip(keys, (sums / n).tolist(), strict=True))
+        if decoder_costs:
+            means["decoder_cost"] = float(torch.stack(decoder_costs).mean())
+        return means
 
     def update_decoder(self, obs: Tensor, actions: Tensor) -> Tensor:
         """One decoder step through DCEM on belief states of a replay batch ``(L, B, ·)``.
