@@ -169,6 +169,92 @@ def test_gd_prediction_is_plain_gradient_descent_on_the_energy() -> None:
     torch.testing.assert_close(regression.predict(net, x, "gd", cfg, 4), y.detach())
 
 
+def _nets(n_nets: int, n_hidden: int, dtype: torch.dtype = torch.float32) -> list[EnergyNet]:
+    nets = []
+    for seed in range(n_nets):
+        torch.manual_seed(seed)
+        nets.append(EnergyNet(n_hidden=n_hidden).to(dtype))
+    return nets
+
+
+def _noise_maker(shape: tuple[int, ...], dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    """A fresh noise() with the same draws on every call of the returned function."""
+
+    def make():  # type: ignore[no-untyped-def]
+        gen = torch.Generator().manual_seed(7)
+        return lambda: torch.randn(shape, generator=gen, dtype=dtype)
+
+    return make
+
+
+def _solve_with_grads(
+    nets: list[EnergyNet], x: torch.Tensor, cfg: RegressionConfig, fast: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    """A training-style DCEM prediction of the stacked nets and the gradient of a loss on it,
+    through the fused node (``fast``) or through the library's dcem_step with autograd."""
+    monkeypatch.setattr(regression, "_fast_dcem_ok", lambda *_: fast)
+    params = regression.stack_params(nets)
+    make = _noise_maker((x.shape[0] * x.shape[1], cfg.dcem_n_sample, 1), x.dtype)
+    y_hat = regression.predict_batch(params, x, "dcem", cfg, 4, make())
+    grads = torch.autograd.grad(
+        (y_hat - 1.0).square().sum(), [p for n in nets for p in n.parameters()]
+    )
+    return y_hat.detach(), list(grads)
+
+
+def test_fused_dcem_solve_matches_the_library_path_with_autograd(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The training solve written out (:class:`_DCEMThroughNet`) equals dcem.dcem_step's
+    iterations differentiated by autograd: outputs and every parameter's gradient, float64."""
+    cfg = RegressionConfig(dcem_n_sample=30, dcem_n_elite=5)
+    nets = _nets(2, 8, torch.float64)
+    x = torch.rand(2, 3, 1, dtype=torch.float64) * 6.0
+    y_fast, g_fast = _solve_with_grads(nets, x, cfg, True, monkeypatch)
+    y_ref, g_ref = _solve_with_grads(nets, x, cfg, False, monkeypatch)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-10, atol=1e-12)
+    for fast, ref in zip(g_fast, g_ref, strict=True):
+        torch.testing.assert_close(fast, ref, rtol=1e-8, atol=1e-12)
+    assert all(float(g.abs().max()) > 0 for g in g_fast[:-1])  # out.bias: no effect
+
+
+def test_fused_dcem_solve_gradient_matches_finite_differences() -> None:
+    cfg = RegressionConfig(dcem_n_sample=12, dcem_n_elite=3)
+    nets = _nets(2, 4, torch.float64)
+    x = torch.rand(2, 2, 1, dtype=torch.float64) * 6.0
+    net = [
+        p.detach().requires_grad_()
+        for p in regression._net_inputs(regression.stack_params(nets), x)
+    ]
+    make = _noise_maker((4, 12, 1), torch.float64)
+    solve = lambda *net: regression._DCEMThroughNet.apply(make(), cfg, 3, *net)  # noqa: E731
+    assert torch.autograd.gradcheck(solve, net, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_fused_dcem_solve_hands_non_finite_energies_to_the_library(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An energy that is +inf for y > 5 makes the fused node give way to dcem_step (which
+    ranks those samples last) with the same noise: both settings give the same numbers."""
+    forward = regression._net_forward
+
+    def inf_above_5(y_sp, net):  # type: ignore[no-untyped-def]
+        e, acts = forward(y_sp, net)
+        return e.masked_fill(y_sp.reshape(e.shape) > 5.0, math.inf), acts
+
+    monkeypatch.setattr(regression, "_net_forward", inf_above_5)
+    cfg = RegressionConfig(dcem_n_sample=30, dcem_n_elite=5)
+    nets = _nets(2, 8, torch.float64)
+    x = torch.rand(2, 3, 1, dtype=torch.float64) * 6.0
+    y_fast, g_fast = _solve_with_grads(nets, x, cfg, True, monkeypatch)
+    y_ref, g_ref = _solve_with_grads(nets, x, cfg, False, monkeypatch)
+    assert torch.isfinite(y_fast).all()
+    torch.testing.assert_close(y_fast, y_ref, rtol=0, atol=0)
+    for fast, ref in zip(g_fast, g_ref, strict=True):
+        torch.testing.assert_close(fast, ref, rtol=0, atol=0)
+
+
 def test_dcem_evaluation_is_reproducible_and_uses_its_own_seed() -> None:
     torch.manual_seed(0)
     net = EnergyNet(n_hidden=16)

@@ -254,7 +254,9 @@ class _SoftRefit(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_mu: Tensor, g_sigma: Tensor, _g_w: Tensor):  # type: ignore[override]
         if ctx.small:
-            g_v, g_x = _soft_refit_backward_numpy(ctx, g_mu, g_sigma)
+            g_v, g_x = _soft_refit_backward_numpy(
+                ctx.arrays, ctx.k, ctx.tau, ctx.normalize, g_mu, g_sigma
+            )
             return g_v, g_x, None, None, None
         x, w, z, s, live, mu, sigma, var = ctx.saved_tensors
         k = ctx.k
@@ -308,10 +310,13 @@ def _soft_refit_numpy(
     return torch.from_numpy(mu), torch.from_numpy(sigma), torch.from_numpy(w), arrays
 
 
-def _soft_refit_backward_numpy(ctx: Any, g_mu: Tensor, g_sigma: Tensor) -> tuple[Tensor, Tensor]:
-    """:class:`_SoftRefit`'s backward (formulas in its docstring) on the saved arrays."""
-    xn, w, z, s, live, mu, sigma, var = ctx.arrays
-    k, tiny = ctx.k, np.finfo(var.dtype).tiny
+def _soft_refit_backward_numpy(
+    arrays: tuple, k: int, tau: float, normalize: bool, g_mu: Tensor, g_sigma: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:class:`_SoftRefit`'s backward (formulas in its docstring) on the saved ``arrays`` of
+    :func:`_soft_refit_numpy`; returns ``(g_v (B, N), g_x (B, N, d))``."""
+    xn, w, z, s, live, mu, sigma, var = arrays
+    tiny = np.finfo(var.dtype).tiny
     gm, gs = g_mu.detach().numpy(), g_sigma.detach().numpy()
     g_var = np.where(var > tiny, gs / (2 * sigma), 0).astype(var.dtype)
     dev = xn - mu[:, None]
@@ -321,8 +326,8 @@ def _soft_refit_backward_numpy(ctx: Any, g_mu: Tensor, g_sigma: Tensor) -> tuple
     g_x = wk[:, :, None] * (gm[:, None, :] + 2 * g_var[:, None, :] * dev)
     h = w * (1 - w)
     ratio = (h * g_w).sum(-1, keepdims=True) / np.maximum(h.sum(-1, keepdims=True), tiny)
-    g_z = (g_w - ratio) * h / ctx.tau
-    if ctx.normalize:
+    g_z = (g_w - ratio) * h / tau
+    if normalize:
         spread = (g_z * z).sum(-1, keepdims=True) / (z.shape[-1] - 1) * live
         g_v = (g_z.sum(-1, keepdims=True) / z.shape[-1] - g_z + z * spread) / s
     else:

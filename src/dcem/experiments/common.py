@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import csv
+import ctypes
 import hashlib
 import io
 import json
@@ -58,6 +59,7 @@ __all__ = [
     "git_commit",
     "job_done",
     "job_slot",
+    "keep_freed_memory",
     "load_checkpoint",
     "lock_file",
     "lock_folder",
@@ -508,6 +510,32 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(progress_queue: Any, parent_pid: int) -> None:
     _WORKER.update(queue=progress_queue, parent=parent_pid)
+    keep_freed_memory()
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory in this process instead of returning it.
+
+    The training loops allocate and free tensors of 100 KB to a few MB thousands of times a
+    second. By default glibc returns such memory to the kernel (heap trimmed above 128 KB
+    free, large blocks mapped and unmapped) and each new tensor pays page faults: a
+    regression DCEM update of two seeds on one core took 14.8 ms with ~40 faults and
+    13.7 ms without, a GD update of three seeds 8.9 ms (~210 faults) and 7.7 ms. Called
+    in the worker processes of :func:`run_jobs`, which this package owns. Returns whether
+    glibc's ``mallopt`` was found (elsewhere this does nothing).
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    mallopt(_M_TOP_PAD, 64 << 20)
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest allowed threshold
+    return True
 
 
 def _worker_progress(key: str, units: int) -> None:

@@ -50,8 +50,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 import dcem
+from dcem import optim
 from dcem.experiments import common
 from dcem.experiments.common import RunFolderError
 
@@ -303,6 +305,67 @@ def stack_params(models: Sequence[EnergyNet]) -> list[Tensor]:
     return [torch.stack(group) for group in zip(*(m.parameters() for m in models), strict=True)]
 
 
+def _net_inputs(params: Sequence[Tensor], x: Tensor) -> tuple[Tensor, ...]:
+    """The stacked nets' parameters as :func:`_net_forward` takes them, for points x (S, P, 1):
+    ``(x_part (S, P, H), w_y (S, 1, 1, H), w_1, b_1, w_2, b_2, w_out, b_out)``, where
+    ``x_part`` is the first layer's bias plus its x part and ``w_y`` its y column."""
+    w_in, b_in, *rest = params
+    x_part = torch.addcmul(b_in.unsqueeze(1), x, w_in[:, :, 0].unsqueeze(1))
+    return (x_part, w_in[:, :, 1].reshape(x.shape[0], 1, 1, -1), *rest)
+
+
+def _net_forward(y_sp: Tensor, net: Sequence[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Energies of S nets (``net`` from :func:`_net_inputs`) at candidates y_sp (S, P, n, 1):
+    returns ``(E (S, P * n), (a_1, h_1, a_2, h_2, a_3, h_3))``, the pre-activations
+    ``a_l`` and activations ``h_l = softplus(a_l)``, each (S, P * n, H)."""
+    x_part, w_y, w_1, b_1, w_2, b_2, w_out, b_out = net
+    n_nets, n_points, n = y_sp.shape[:3]
+    a_1 = torch.addcmul(x_part.unsqueeze(2), y_sp, w_y).reshape(n_nets, n_points * n, -1)
+    h_1 = F.softplus(a_1)
+    a_2 = torch.baddbmm(b_1.unsqueeze(1), h_1, w_1.transpose(1, 2))
+    h_2 = F.softplus(a_2)
+    a_3 = torch.baddbmm(b_2.unsqueeze(1), h_2, w_2.transpose(1, 2))
+    h_3 = F.softplus(a_3)
+    # The 1-unit output layer as multiply-and-sum: a (.., H) x (H, 1) bmm and its backward
+    # cost several times more on a CPU core. w_out: (S, 1, H), b_out: (S, 1).
+    return torch.linalg.vecdot(h_3, w_out) + b_out, (a_1, h_1, a_2, h_2, a_3, h_3)
+
+
+def _net_backward(
+    g_e: Tensor, y_sp: Tensor, acts: Sequence[Tensor], net: Sequence[Tensor],
+    grads: Sequence[Tensor], need_y: bool,
+) -> Tensor | None:  # fmt: skip
+    """The vector-Jacobian product of :func:`_net_forward` with g_e (S, P * n), written out.
+
+    Adds the parameter gradients to ``grads`` (shaped like ``net``) and returns the
+    candidates' gradient (like y_sp) when ``need_y``. With ``softplus'(a) g`` as
+    :func:`torch.ops.aten.softplus_backward` (beta 1, threshold 20, as ``F.softplus``):
+    ``g_a3 = softplus'(a_3) g_e w_out``, ``g_a2 = softplus'(a_2) g_a3 w_2``, ``g_a1 =
+    softplus'(a_1) g_a2 w_1``; ``g_w_l += g_a^T h``, ``g_b_l += sum g_a``, ``g_y = g_a1 w_y``.
+    """
+    _, w_y, w_1, _, w_2, _, w_out, _ = net
+    a_1, h_1, a_2, h_2, a_3, h_3 = acts
+    g_xp, g_wy, g_w1, g_b1, g_w2, g_b2, g_wo, g_bo = grads
+    g_wo.baddbmm_(g_e.unsqueeze(1), h_3)
+    g_bo.add_(g_e.sum(1, keepdim=True))
+    g_a = _softplus_backward(g_e.unsqueeze(2) * w_out, a_3, 1, 20)
+    g_w2.baddbmm_(g_a.transpose(1, 2), h_2)
+    g_b2.add_(g_a.sum(1))
+    g_a = _softplus_backward(torch.bmm(g_a, w_2), a_2, 1, 20)
+    g_w1.baddbmm_(g_a.transpose(1, 2), h_1)
+    g_b1.add_(g_a.sum(1))
+    g_a = _softplus_backward(torch.bmm(g_a, w_1), a_1, 1, 20)
+    n_nets, n_points, n = y_sp.shape[:3]
+    g_xp.add_(g_a.reshape(n_nets, n_points, n, -1).sum(2))
+    g_wy.add_(torch.bmm(y_sp.reshape(n_nets, 1, -1), g_a).reshape(g_wy.shape))
+    if not need_y:
+        return None
+    return torch.bmm(g_a, w_y.reshape(n_nets, -1, 1)).reshape(y_sp.shape)
+
+
+_softplus_backward = torch.ops.aten.softplus_backward  # (grad, input, beta, threshold)
+
+
 def batched_energy_fn(params: Sequence[Tensor], x: Tensor) -> Callable[[Tensor], Tensor]:
     """``y -> E_s(x_sp, y)`` for S nets at once, ``params`` from :func:`stack_params`.
 
@@ -310,25 +373,88 @@ def batched_energy_fn(params: Sequence[Tensor], x: Tensor) -> Callable[[Tensor],
     in the order (net, point): y: (B, 1) -> (B,) or (B, N, 1) -> (B, N). Each net sees only
     its own points, through batched matrix products (``baddbmm``) over the S nets.
     """
-    w_in, b_in, w_1, b_1, w_2, b_2, w_out, b_out = params
-    n_nets, n_points = x.shape[:2]
-    x_part = torch.addcmul(b_in.unsqueeze(1), x, w_in[:, :, 0].unsqueeze(1))  # (S, P, H)
-    w_y = w_in[:, :, 1].reshape(n_nets, 1, 1, -1)
-    layers = [(b.unsqueeze(1), w.transpose(1, 2)) for w, b in ((w_1, b_1), (w_2, b_2))]
+    net = _net_inputs(params, x)
 
     def energy(y: Tensor) -> Tensor:
         n = y.shape[1] if y.dim() == 3 else 1
-        y_sp = y.reshape(n_nets, n_points, n, 1)
-        h = F.softplus(torch.addcmul(x_part.unsqueeze(2), y_sp, w_y))
-        h = h.reshape(n_nets, n_points * n, -1)
-        for bias, weight in layers:
-            h = F.softplus(torch.baddbmm(bias, h, weight))
-        # The 1-unit output layer as multiply-and-sum: a (.., H) x (H, 1) bmm and its
-        # backward cost several times more on a CPU core.
-        out = torch.linalg.vecdot(h, w_out) + b_out  # w_out: (S, 1, H), b_out: (S, 1)
-        return out.reshape(y.shape[:-1])
+        return _net_forward(y.reshape(*x.shape[:2], n, 1), net)[0].reshape(y.shape[:-1])
 
     return energy
+
+
+class _NonFinite(Exception):
+    """Raised by :class:`_DCEMThroughNet` when an energy is not finite (the general path
+    takes over, with the noise drawn so far in ``draws``)."""
+
+    def __init__(self, draws: list[Tensor]) -> None:
+        super().__init__("non-finite energy")
+        self.draws = draws
+
+
+class _DCEMThroughNet(torch.autograd.Function):
+    """DCEM's solve through the energy nets (training, :func:`predict_batch`) as one node.
+
+    The same iterations as :func:`dcem.dcem_step` in the forward (samples, energies,
+    standardized soft top-k, weighted refit; same operations, same noise, small CPU
+    problems); the backward walks the iterations in reverse with the refit's written-out
+    VJP (the library's NumPy form) and :func:`_net_backward`: ``g_x = g_x(refit) + g_y(E)``,
+    ``g_mu = sum_n g_x``, ``g_sigma = sum_n g_x eps``. No autograd graph is built: on a
+    CPU core the per-operation cost of recording and replaying one was as large as the
+    arithmetic of these (S * 100, 128) layers. First derivatives only.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, noise: Callable[[], Tensor], cfg: RegressionConfig, n_iter: int, *net: Tensor
+    ) -> Tensor:
+        n_nets, n_points = net[0].shape[:2]
+        mu = net[0].new_zeros(n_nets * n_points, 1)
+        sigma = torch.full_like(mu, cfg.dcem_init_sigma)
+        steps, draws = [], []
+        for _ in range(n_iter):
+            eps = noise()
+            draws.append(eps)
+            x = torch.addcmul(mu.unsqueeze(1), sigma.unsqueeze(1), eps)
+            y_sp = x.reshape(n_nets, n_points, -1, 1)
+            e, acts = _net_forward(y_sp, net)
+            v = e.reshape(n_nets * n_points, -1)
+            if not optim._all_finite(v):
+                raise _NonFinite(draws)
+            mu, sigma, _, arrays = optim._soft_refit_numpy(
+                v, x, cfg.dcem_n_elite, cfg.dcem_tau, cfg.dcem_normalize
+            )
+            steps.append((eps, y_sp, acts, arrays))
+        ctx.steps, ctx.cfg = steps, cfg
+        ctx.save_for_backward(*net)
+        return mu
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g_mu: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        net, cfg = ctx.saved_tensors, ctx.cfg
+        grads = [torch.zeros_like(p) for p in net]
+        g_sigma = torch.zeros_like(g_mu)
+        for t in reversed(range(len(ctx.steps))):
+            eps, y_sp, acts, arrays = ctx.steps[t]
+            g_v, g_x = optim._soft_refit_backward_numpy(
+                arrays, cfg.dcem_n_elite, cfg.dcem_tau, cfg.dcem_normalize, g_mu, g_sigma
+            )
+            g_y = _net_backward(g_v.reshape(y_sp.shape[0], -1), y_sp, acts, net, grads, t > 0)
+            if g_y is not None:  # mu_0 and sigma_0 are constants
+                g_x = g_x + g_y.reshape(g_x.shape)
+                g_mu, g_sigma = g_x.sum(1), (g_x * eps).sum(1)
+        need = ctx.needs_input_grad[3:]
+        return (None, None, None, *(g if n else None for g, n in zip(grads, need, strict=True)))
+
+
+def _fast_dcem_ok(x: Tensor, cfg: RegressionConfig) -> bool:
+    """Whether :class:`_DCEMThroughNet` may solve a training prediction for x (S, P, 1)."""
+    return (
+        torch.is_grad_enabled() and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and x.shape[0] * x.shape[1] * cfg.dcem_n_sample <= optim._SMALL_REFIT
+        and not torch._C._are_functorch_transforms_active()
+    )  # fmt: skip
 
 
 def predict_batch(
@@ -344,14 +470,21 @@ def predict_batch(
     x: (S, P, 1) -> y_hat: (S, P, 1), differentiable w.r.t. ``params``. ``noise()`` returns
     the ``(S * P, dcem_n_sample, 1)`` standard normal draws of one DCEM iteration (so each
     net can draw from its own generator); unused by ``gd``. One DCEM iteration is
-    :func:`dcem.dcem_step`, the step :func:`dcem.dcem` loops over.
+    :func:`dcem.dcem_step`, the step :func:`dcem.dcem` loops over; small CPU problems with
+    gradients take :class:`_DCEMThroughNet`, the same arithmetic without an autograd graph.
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "dcem" and _fast_dcem_ok(x, cfg):
+        try:
+            mu = _DCEMThroughNet.apply(noise, cfg, n_iter, *_net_inputs(params, x))
+            return cast(Tensor, mu).reshape(x.shape)
+        except _NonFinite as stop:  # the general path ranks non-finite energies last
+            noise = functools.partial(_replay_then_draw, list(stop.draws), noise)
     energy = batched_energy_fn(params, x)
     y0 = x.new_zeros(x.shape[0] * x.shape[1], 1)
     if method == "gd":
         return dcem.unroll_gd(energy, y0, n_iter=n_iter, lr=cfg.gd_lr).reshape(x.shape)
-    if method != "dcem":
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     mu, sigma = y0, torch.full_like(y0, cfg.dcem_init_sigma)
     for _ in range(n_iter):
         mu, sigma, *_ = dcem.dcem_step(
@@ -359,6 +492,11 @@ def predict_batch(
             n_elite=cfg.dcem_n_elite, tau=cfg.dcem_tau, normalize=cfg.dcem_normalize,
         )  # fmt: skip
     return mu.reshape(x.shape)
+
+
+def _replay_then_draw(replay: list[Tensor], noise: Callable[[], Tensor]) -> Tensor:
+    """The replayed draws in order, then fresh ones from ``noise``."""
+    return replay.pop(0) if replay else noise()
 
 
 def evaluate_batch(
