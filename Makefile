@@ -39,6 +39,7 @@ bench: setup
 	$(PY) benchmarks/control.py --out benchmarks/out/control.json
 	$(PY) benchmarks/planner.py --out benchmarks/out/planner.json
 	$(PY) benchmarks/phase2.py --out benchmarks/out/phase2.json
+	$(PY) benchmarks/regression.py --out benchmarks/out/regression.json
 
 reproduce: setup
 	$(PY) -m dcem regression --out runs/regression
