@@ -23,7 +23,16 @@ def parse_args(description: str, argv: list[str] | None, repeats: int, tiny_repe
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is robust on shared machines)"
     )
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true",
+        help="first ask glibc to keep freed memory (dcem.experiments.common.keep_freed_memory):"
+        " fresh large tensors then cost no page faults",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        from dcem.experiments.common import keep_freed_memory
+
+        keep_freed_memory()
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads < 1:

@@ -186,7 +186,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name, m in mlp["backward_modes"].items():
         peak = f"peak {m['peak_bytes'] / 2**20:8.1f} MiB ({m['peak_vs_full']:.2f} of full)"
         print(f"  {name:10s} {peak}, grad error {m['grad_rel_error']:.2e}", file=sys.stderr)
-    return write_result("optim", rows, args.out, mlp=mlp, device="cpu", dtype="float32")
+    return write_result(
+        "optim", rows, args.out, mlp=mlp, device="cpu", dtype="float32",
+        keep_freed_memory=args.keep_freed_memory,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

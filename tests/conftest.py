@@ -15,11 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
-def run_benchmark(name: str, tmp_path: Path, timeout: float = 300) -> dict:
-    """Run ``benchmarks/{name}.py --tiny`` in a subprocess and return its JSON."""
+def run_benchmark(name: str, tmp_path: Path, *options: str, timeout: float = 300) -> dict:
+    """Run ``benchmarks/{name}.py --tiny [options]`` in a subprocess and return its JSON."""
     out = tmp_path / f"{name}.json"
+    script = str(ROOT / "benchmarks" / f"{name}.py")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--tiny", "--out", str(out)],
+        [sys.executable, script, "--tiny", "--out", str(out), *options],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -383,8 +383,10 @@ def test_unroll_gd_matches_closed_form_and_fd() -> None:
         dcem.unroll_gd(lambda y: y, y0, n_iter=2, lr=0.1)
 
 
-def test_benchmark_runs_tiny(tmp_path) -> None:
-    result = run_benchmark("optim", tmp_path)
+@pytest.mark.parametrize("options", [(), ("--keep-freed-memory",)])
+def test_benchmark_runs_tiny(tmp_path, options: tuple[str, ...]) -> None:
+    result = run_benchmark("optim", tmp_path, *options)
+    assert result["keep_freed_memory"] is bool(options)
     for row in result["results"]:
         assert row["noise_floor_s"] > 0 and row["dcem_fwd_bwd_s"] > 0 and row["cem_fwd_s"] > 0
     modes = result["mlp"]["backward_modes"]
