@@ -142,8 +142,15 @@ def bench_mlp(batch: int, hidden: int, repeats: int) -> dict:
         for x in samples:
             f(x.requires_grad_()).sum().backward()
 
-    total = median_time(lambda: solve("full").backward(), repeats)
-    inside = median_time(f_only, repeats)
+    # Paired: each round times DCEM and then f alone, and the share is taken per round, so
+    # a load change on a shared machine moves both numbers of a round together.
+    rounds = [
+        (median_time(lambda: solve("full").backward(), 1, 0), median_time(f_only, 1, 0))
+        for _ in range(repeats + 1)
+    ][1:]  # the first round warms up
+    total = sorted(t for t, _ in rounds)[len(rounds) // 2]
+    inside = sorted(i for _, i in rounds)[len(rounds) // 2]
+    shares = sorted(max(0.0, (t - i) / t) for t, i in rounds)
     g_full = grad("full")
     modes = {}
     for mode in ["full", "checkpoint", "pruned"]:
@@ -162,7 +169,7 @@ def bench_mlp(batch: int, hidden: int, repeats: int) -> dict:
         "hidden": hidden,
         "dcem_fwd_bwd_s": total,
         "f_fwd_bwd_s": inside,
-        "share_outside_f": max(0.0, (total - inside) / total),
+        "share_outside_f": shares[len(shares) // 2],
         "backward_modes": modes,
         "pruned_n_keep": 3 * K,
         "pruned_n_anchor": K,
