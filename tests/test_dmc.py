@@ -138,6 +138,7 @@ def test_eval_command_writes_returns_json(phase1: Path, tmp_path: Path) -> None:
     name = f"cem-{record['candidates']}x{record['iterations']}.json"
     assert record == json.loads((out / "eval" / name).read_text())
     assert len(record["returns"]) == 2 and record["task"] == TASK
+    assert "episode 2 / 2, return" in done.stderr  # off a terminal: a line per episode
     assert record["mean"] == pytest.approx(sum(record["returns"]) / 2)
     # evaluation episodes are seeded: the first one equals the run's own first evaluation
     first_eval = next(r for r in _rows(out) if r["phase"] == "eval")

@@ -765,11 +765,14 @@ def evaluate(
         start = time.perf_counter()
         from tqdm.auto import tqdm
 
-        returns = [
-            _evaluate_agent(agent, env, [i])[0]
-            for i in tqdm(range(episodes), desc=f"eval {cfg.task} {planner}", unit="ep",
-                          disable=None if show_progress else True)
-        ]  # fmt: skip
+        bar = tqdm(range(episodes), desc=f"eval {cfg.task} {planner}", unit="ep",
+                   disable=None if show_progress else True)  # fmt: skip
+        returns = []
+        for i in bar:  # a bar on a terminal, otherwise a log line per episode
+            returns.append(_evaluate_agent(agent, env, [i])[0])
+            if bar.disable:
+                log.info("eval %s %s: episode %d / %d, return %.1f (%.0f s)", out, planner,
+                         i + 1, episodes, returns[-1], time.perf_counter() - start)  # fmt: skip
         if video:
             write_video(agent, env, Path(out) / f"eval-{planner}.gif")
     finally:
