@@ -860,7 +860,8 @@ def plot(out: Path) -> Path:
     x, y = _column(train_rows, "return")
     axes[0].plot(x, y, color="#348ABD", label="train (with exploration noise)")
     if len(evals):
-        axes[0].plot(evals[:, 0], evals[:, 1], color="#A60628", label="eval")
+        # markers: a short run may have a single evaluation, which a line alone would hide
+        axes[0].plot(evals[:, 0], evals[:, 1], color="#A60628", marker="o", ms=3, label="eval")
     axes[0].legend(fontsize=8)
     panels = [("Episode Reward", None), ("Obs Loss", "obs_loss"), ("Rew Loss", "reward_loss"),
               ("KL Loss", "kl_raw")]  # fmt: skip
