@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -274,3 +275,17 @@ def test_eval_of_both_planners_draws_the_box_plot(phase1, phase2, tmp_path) -> N
     # a phase-1 run has no decoder: the latent planner is refused with a clear message
     done = _cli("eval", phase1, "--episodes", "1", "--planner", "latent")
     assert done.returncode == 2 and "--planner latent" in done.stderr
+
+
+def test_compare_plans_rates_both_planners_plans_under_the_model(phase1, phase2) -> None:
+    result = dmc.compare_plans(phase2, states=3)
+    assert result["states"] == 3
+    for name in ("cem", "latent", "zero"):
+        entry = result[name]
+        assert math.isfinite(entry["imagined_return"])
+        assert 0.0 <= entry["saturated_fraction"] <= 1.0
+        assert 0.0 <= entry["mean_abs_action"] <= 1.0  # plans stay inside the action box
+    assert result["zero"]["mean_abs_action"] == 0.0 and result["cem"]["mean_abs_action"] > 0.0
+    assert result["zero"]["saturated_fraction"] == 0.0
+    with pytest.raises(ValueError, match="--planner latent"):
+        dmc.compare_plans(phase1)

@@ -789,6 +789,55 @@ def evaluate(
     return record
 
 
+def compare_plans(out: Path, *, states: int = 12, seed: int = 0) -> dict[str, Any]:
+    """Full CEM (1000/100/10) and latent DCEM plans on belief states of a phase-2 run's replay.
+
+    For each planner, and for all-zero actions as a reference: the mean imagined return of
+    its ``(states, horizon, a)`` plans under the run's model (prior mean, no sampling), the
+    mean ``|a|`` of the plans and the fraction of actions with ``|a| > 0.95``. A latent
+    planner whose plans the model rates higher than full CEM's while the environment rates
+    them lower is exploiting model errors rather than searching badly.
+    The belief states are the posteriors at the last step of ``states`` replay windows.
+    """
+    cfg = load_config(out)
+    if cfg.planner != "latent":
+        raise ValueError(f"compare_plans needs a run trained with --planner latent; {out} "
+                         f"was trained with {cfg.planner}")  # fmt: skip
+    path = Path(out) / "ckpt" / "latest.pt"
+    env = make_env(cfg.task, seed=cfg.seed, action_repeat=cfg.repeat,
+                   episode_steps=cfg.episode_steps)  # fmt: skip
+    try:
+        agent = Agent(cfg, env)
+        agent.load_state_dict(common.load_checkpoint(path), path)
+    finally:
+        env.close()
+    if agent.decoder is None:
+        raise CheckpointError(f"{path} holds no action decoder")
+    decoder = agent.decoder
+    batch = agent.replay.sample(states, cfg.seq_len)
+    obs, act = (torch.as_tensor(batch[k], device=agent.device) for k in ("obs", "action"))
+    gen = torch.Generator(agent.device).manual_seed(seed)
+    with torch.no_grad():
+        start = State(*(x[-1] for x in agent.model.observe(obs, act)[0]))
+        plans = {
+            "cem": plan(agent.model, start, action_low=agent.low, action_high=agent.high,
+                        horizon=cfg.horizon, sample=cfg.plan_sample, generator=gen,
+                        return_plan=True)[1],
+            "latent": plan_latent(agent.model, decoder, start, sample=cfg.plan_sample,
+                                  generator=gen, return_plan=True)[1],
+        }  # fmt: skip
+        plans["zero"] = torch.zeros_like(plans["cem"])
+        result: dict[str, Any] = {"run": str(out), "states": states}
+        for name, actions in plans.items():
+            imagined = agent.model.imagined_return(start, actions.transpose(0, 1), sample=False)
+            result[name] = {
+                "imagined_return": float(imagined.mean()),
+                "mean_abs_action": float(actions.abs().mean()),
+                "saturated_fraction": float((actions.abs() > 0.95).float().mean()),
+            }
+    return result
+
+
 def eval_records(runs: Sequence[Path]) -> list[dict[str, Any]]:
     """Every record :func:`evaluate` wrote in the ``eval/`` folders of ``runs``, in order."""
     records = []
