@@ -523,9 +523,10 @@ def keep_freed_memory() -> bool:
     The training loops allocate and free tensors of 100 KB to a few MB thousands of times a
     second. By default glibc returns such memory to the kernel (heap trimmed above 128 KB
     free, large blocks mapped and unmapped) and each new tensor pays page faults: a
-    regression DCEM update of two seeds on one core took 14.8 ms with ~40 faults and
-    13.7 ms without, a GD update of three seeds 8.9 ms (~210 faults) and 7.7 ms. Called
-    in the worker processes of :func:`run_jobs`, which this package owns. Returns whether
+    regression DCEM update of two seeds on one core took 14.2 ms with ~30 faults and
+    13.3 ms with none (``benchmarks/regression.py``); ``dcem.dcem`` at (B, d) = (1024, 32)
+    made ~105,000 faults per call and ~600 with this (``benchmarks/optim.py``). Called in
+    the worker processes of :func:`run_jobs`, which this package owns. Returns whether
     glibc's ``mallopt`` was found (elsewhere this does nothing).
     """
     try:
