@@ -16,6 +16,7 @@ Usage: python benchmarks/optim.py [--out PATH] [--tiny]
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 
 import torch
@@ -148,9 +149,9 @@ def bench_mlp(batch: int, hidden: int, repeats: int) -> dict:
         (median_time(lambda: solve("full").backward(), 1, 0), median_time(f_only, 1, 0))
         for _ in range(repeats + 1)
     ][1:]  # the first round warms up
-    total = sorted(t for t, _ in rounds)[len(rounds) // 2]
-    inside = sorted(i for _, i in rounds)[len(rounds) // 2]
-    shares = sorted(max(0.0, (t - i) / t) for t, i in rounds)
+    total = statistics.median(t for t, _ in rounds)
+    inside = statistics.median(i for _, i in rounds)
+    share = statistics.median(max(0.0, (t - i) / t) for t, i in rounds)
     g_full = grad("full")
     modes = {}
     for mode in ["full", "checkpoint", "pruned"]:
@@ -169,7 +170,7 @@ def bench_mlp(batch: int, hidden: int, repeats: int) -> dict:
         "hidden": hidden,
         "dcem_fwd_bwd_s": total,
         "f_fwd_bwd_s": inside,
-        "share_outside_f": shares[len(shares) // 2],
+        "share_outside_f": share,
         "backward_modes": modes,
         "pruned_n_keep": 3 * K,
         "pruned_n_anchor": K,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -64,11 +65,10 @@ def measure(method: str, seeds: int, updates: int, repeats: int) -> dict:
         start = time.perf_counter()
         regression._evaluate(job, data, regression.RegressionConfig())
         evals.append(time.perf_counter() - start)
-    med = {p: sorted(t[1:])[len(t[1:]) // 2] for p, t in times.items()}
-    return {
-        "seconds": med,
-        "faults_per_update": {p: sorted(f[1:])[len(f[1:]) // 2] for p, f in faults.items()},
-        "eval_seconds": sorted(evals[1:])[len(evals[1:]) // 2],
+    return {  # medians without the warm-up round
+        "seconds": {p: statistics.median(t[1:]) for p, t in times.items()},
+        "faults_per_update": {p: statistics.median(f[1:]) for p, f in faults.items()},
+        "eval_seconds": statistics.median(evals[1:]),
     }
 
 

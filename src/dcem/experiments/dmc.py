@@ -721,6 +721,20 @@ def write_video(agent: Agent, env: DMCEnv, path: Path) -> bool:
 # --------------------------------------------------------------------------- evaluation
 
 
+def _restore_agent(cfg: DMCConfig, path: Path) -> tuple[Agent, DMCEnv]:
+    """The agent of ``cfg`` with the checkpoint at ``path`` loaded, and its environment (the
+    caller closes it; closed here if loading fails)."""
+    env = make_env(cfg.task, seed=cfg.seed, action_repeat=cfg.repeat,
+                   episode_steps=cfg.episode_steps)  # fmt: skip
+    try:
+        agent = Agent(cfg, env)
+        agent.load_state_dict(common.load_checkpoint(path), path)
+    except BaseException:
+        env.close()
+        raise
+    return agent, env
+
+
 def evaluate(
     out: Path, *, episodes: int, planner: str | None = None, device: str = "cpu",
     video: bool = False, sizes: tuple[int, int, int] | None = None, show_progress: bool = True,
@@ -751,11 +765,8 @@ def evaluate(
     if planner == "latent" and cfg.planner != "latent":
         raise ValueError(f"planner latent needs a run trained with --planner latent; {out} "
                          f"was trained with {cfg.planner}")  # fmt: skip
-    env = make_env(cfg.task, seed=cfg.seed, action_repeat=cfg.repeat,
-                   episode_steps=cfg.episode_steps)  # fmt: skip
+    agent, env = _restore_agent(cfg, path)
     try:
-        agent = Agent(cfg, env)
-        agent.load_state_dict(common.load_checkpoint(path), path)
         agent.planner = planner
         if sizes is not None:
             if sizes[1] >= sizes[0]:
@@ -804,13 +815,8 @@ def compare_plans(out: Path, *, states: int = 12, seed: int = 0) -> dict[str, An
         raise ValueError(f"compare_plans needs a run trained with --planner latent; {out} "
                          f"was trained with {cfg.planner}")  # fmt: skip
     path = Path(out) / "ckpt" / "latest.pt"
-    env = make_env(cfg.task, seed=cfg.seed, action_repeat=cfg.repeat,
-                   episode_steps=cfg.episode_steps)  # fmt: skip
-    try:
-        agent = Agent(cfg, env)
-        agent.load_state_dict(common.load_checkpoint(path), path)
-    finally:
-        env.close()
+    agent, env = _restore_agent(cfg, path)
+    env.close()
     if agent.decoder is None:
         raise CheckpointError(f"{path} holds no action decoder")
     decoder = agent.decoder
