@@ -189,17 +189,20 @@ def _noise_maker(shape: tuple[int, ...], dtype: torch.dtype):  # type: ignore[no
 
 def _solve_with_grads(
     nets: list[EnergyNet], x: torch.Tensor, cfg: RegressionConfig, fast: bool,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, method: str = "dcem",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
-    """A training-style DCEM prediction of the stacked nets and the gradient of a loss on it,
-    through the fused node (``fast``) or through the library's dcem_step with autograd."""
+    """A training-style prediction of the stacked nets and the gradient of a loss on it,
+    through the written-out node (``fast``) or through the library (dcem_step or unroll_gd)
+    with autograd."""
     monkeypatch.setattr(regression, "_fast_dcem_ok", lambda *_: fast)
+    monkeypatch.setattr(regression, "_fast_gd_ok", lambda *_: fast)
     params = regression.stack_params(nets)
     make = _noise_maker((x.shape[0] * x.shape[1], cfg.dcem_n_sample, 1), x.dtype)
-    y_hat = regression.predict_batch(params, x, "dcem", cfg, 4, make())
+    y_hat = regression.predict_batch(params, x, method, cfg, 4, make())
     grads = torch.autograd.grad(
-        (y_hat - 1.0).square().sum(), [p for n in nets for p in n.parameters()]
-    )
+        (y_hat - 1.0).square().sum(), [p for n in nets for p in n.parameters()],
+        allow_unused=True, materialize_grads=True,
+    )  # fmt: skip
     return y_hat.detach(), list(grads)
 
 
@@ -230,6 +233,41 @@ def test_fused_dcem_solve_gradient_matches_finite_differences() -> None:
     make = _noise_maker((4, 12, 1), torch.float64)
     solve = lambda *net: regression._DCEMThroughNet.apply(make(), cfg, 3, *net)  # noqa: E731
     assert torch.autograd.gradcheck(solve, net, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_written_out_gd_matches_unroll_gd_with_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training unroll written out (:class:`_GDThroughNet`) equals dcem.unroll_gd
+    differentiated twice by autograd: outputs and every parameter's gradient, float64. The
+    nets' pre-activations include values above softplus's threshold (20)."""
+    cfg = RegressionConfig(gd_lr=0.3)
+    nets = _nets(2, 8, torch.float64)
+    with torch.no_grad():
+        for net in nets:
+            net.out.weight *= 30.0  # steps that move y
+        nets[1].hidden[0].bias[:3] += 25.0  # identity region of softplus in layer 2
+    x = torch.rand(2, 3, 1, dtype=torch.float64) * 6.0
+    y_fast, g_fast = _solve_with_grads(nets, x, cfg, True, monkeypatch, "gd")
+    y_ref, g_ref = _solve_with_grads(nets, x, cfg, False, monkeypatch, "gd")
+    assert float(y_ref.abs().min()) > 0.05  # the steps moved y
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-10, atol=1e-12)
+    for fast, ref in zip(g_fast, g_ref, strict=True):
+        torch.testing.assert_close(fast, ref, rtol=1e-8, atol=1e-12)
+    n_params = len(list(nets[0].parameters()))  # the last, out.bias, has no effect on dE/dy
+    assert all(
+        float(g.abs().max()) > 0 for i, g in enumerate(g_fast) if i % n_params < n_params - 1
+    )
+
+
+def test_written_out_gd_gradient_matches_finite_differences() -> None:
+    cfg = RegressionConfig(gd_lr=0.2)
+    nets = _nets(2, 4, torch.float64)
+    x = torch.rand(2, 2, 1, dtype=torch.float64) * 6.0
+    net = [
+        p.detach().requires_grad_()
+        for p in regression._net_inputs(regression.stack_params(nets), x)
+    ]
+    solve = lambda *net: regression._GDThroughNet.apply(cfg, 3, *net)  # noqa: E731
+    assert torch.autograd.gradcheck(solve, net[:-1] + [net[-1].detach()], eps=1e-6, atol=1e-6)
 
 
 def test_fused_dcem_solve_hands_non_finite_energies_to_the_library(

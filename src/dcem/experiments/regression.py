@@ -458,6 +458,112 @@ def _fast_dcem_ok(x: Tensor, cfg: RegressionConfig) -> bool:
     )  # fmt: skip
 
 
+def _softplus_parts(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(softplus(a), softplus'(a), softplus''(a))`` as :func:`F.softplus` and autograd
+    compute them (beta 1, threshold 20: the identity above 20, so 1 and 0 there)."""
+    with np.errstate(over="ignore"):
+        z = np.exp(a)
+    s = z / (1 + z)
+    h, q = np.log1p(z), s * (1 - s)
+    big = a > 20
+    if big.any():
+        h, s, q = np.where(big, a, h), np.where(big, 1, s).astype(a.dtype), np.where(big, 0, q)
+    return h, s, q
+
+
+class _GDThroughNet(torch.autograd.Function):
+    """Unrolled GD through the energy nets (training, :func:`predict_batch`) as one node.
+
+    The same steps as :func:`dcem.unroll_gd` on :func:`batched_energy_fn` from ``y = 0``:
+    ``y <- y - lr dE/dy``, with ``dE/dy`` by the chain rule through the three Softplus
+    layers (``d_3 = w_out s_3``, ``d_2 = (d_3 W_2) s_2``, ``d_1 = (d_2 W_1) s_1``, ``dE/dy =
+    <d_1, w_y>``, ``s_l = softplus'(a_l)``). The backward is the reverse pass through that
+    computation (second derivatives ``softplus''`` enter through the ``s_l``) in NumPy; the
+    weight gradients of every step are collected and summed by one matrix product per layer.
+    Autograd's double-backward graph of the same computation spent most of a training update
+    on per-step rank-1 weight-gradient products and their accumulation. First derivatives
+    only; ``w_out``'s bias has no effect on ``dE/dy`` and gets no gradient (as in autograd).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, cfg: RegressionConfig, n_iter: int, *net: Tensor
+    ) -> Tensor:
+        x_part, w_y, w_1, b_1, w_2, b_2, w_out, _ = (t.detach().numpy() for t in net)
+        n_nets, n_points, n_hidden = x_part.shape
+        w_y, w_out = w_y.reshape(n_nets, 1, n_hidden), w_out.reshape(n_nets, 1, n_hidden)
+        w_1t, w_2t = w_1.transpose(0, 2, 1), w_2.transpose(0, 2, 1)
+        lr = x_part.dtype.type(cfg.gd_lr)
+        y = np.zeros((n_nets, n_points), x_part.dtype)
+        steps = []
+        for _ in range(n_iter):
+            h_1, s_1, q_1 = _softplus_parts(x_part + y[..., None] * w_y)
+            h_2, s_2, q_2 = _softplus_parts(np.matmul(h_1, w_1t) + b_1[:, None])
+            _, s_3, q_3 = _softplus_parts(np.matmul(h_2, w_2t) + b_2[:, None])
+            d_3 = w_out * s_3
+            e_2 = np.matmul(d_3, w_2)
+            d_2 = e_2 * s_2
+            e_1 = np.matmul(d_2, w_1)
+            d_1 = e_1 * s_1
+            steps.append((y, h_1, h_2, s_1, s_2, s_3, q_1, q_2, q_3, d_1, d_2, d_3, e_1, e_2))
+            y = y - lr * (d_1 * w_y).sum(-1)
+        ctx.steps, ctx.lr = steps, lr
+        ctx.arrays = (w_y, w_1, w_1t, w_2, w_2t, w_out)
+        return torch.from_numpy(y)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        w_y, w_1, w_1t, w_2, w_2t, w_out = ctx.arrays
+        g_y = g_out.detach().numpy().astype(w_y.dtype)  # adjoint of the current y
+        g_xp = np.zeros_like(ctx.steps[0][1])
+        g_wy, g_wo = np.zeros_like(w_y), np.zeros_like(w_out)
+        g_b1, g_b2 = np.zeros_like(w_y[:, 0]), np.zeros_like(w_y[:, 0])
+        rows_1: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])  # g_W1 = sum L^T R
+        rows_2: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+        for y, h_1, h_2, s_1, s_2, s_3, q_1, q_2, q_3, d_1, d_2, d_3, e_1, e_2 in reversed(
+            ctx.steps
+        ):
+            g_g = (-ctx.lr * g_y)[..., None]  # adjoint of dE/dy, broadcast over units
+            g_d1 = g_g * w_y
+            g_wy += (g_g * d_1).sum(1, keepdims=True)
+            g_e1, g_s1 = g_d1 * s_1, g_d1 * e_1
+            g_d2 = np.matmul(g_e1, w_1t)
+            g_e2, g_s2 = g_d2 * s_2, g_d2 * e_2
+            g_d3 = np.matmul(g_e2, w_2t)
+            g_wo += (g_d3 * s_3).sum(1, keepdims=True)
+            g_a3 = g_d3 * w_out * q_3
+            g_b2 += g_a3.sum(1)
+            g_a2 = g_s2 * q_2 + np.matmul(g_a3, w_2) * s_2
+            g_b1 += g_a2.sum(1)
+            g_a1 = g_s1 * q_1 + np.matmul(g_a2, w_1) * s_1
+            g_xp += g_a1
+            g_wy += (g_a1 * y[..., None]).sum(1, keepdims=True)
+            g_y = g_y + (g_a1 * w_y).sum(-1)
+            rows_1[0].extend((d_2, g_a2)), rows_1[1].extend((g_e1, h_1))
+            rows_2[0].extend((d_3, g_a3)), rows_2[1].extend((g_e2, h_2))
+        g_w1, g_w2 = (
+            np.matmul(np.concatenate(left, 1).transpose(0, 2, 1), np.concatenate(right, 1))
+            for left, right in (rows_1, rows_2)
+        )
+        grads = (g_xp, g_wy[:, :, None], g_w1, g_b1, g_w2, g_b2, g_wo)
+        need = ctx.needs_input_grad[2:]
+        return (
+            None, None,
+            *(torch.from_numpy(g) if n else None for g, n in zip(grads, need, strict=False)),
+            None,
+        )  # fmt: skip
+
+
+def _fast_gd_ok(x: Tensor) -> bool:
+    """Whether :class:`_GDThroughNet` may solve a training prediction for x (S, P, 1)."""
+    return (
+        torch.is_grad_enabled() and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and not torch._C._are_functorch_transforms_active()
+    )  # fmt: skip
+
+
 def predict_batch(
     params: Sequence[Tensor],
     x: Tensor,
@@ -472,10 +578,14 @@ def predict_batch(
     the ``(S * P, dcem_n_sample, 1)`` standard normal draws of one DCEM iteration (so each
     net can draw from its own generator); unused by ``gd``. One DCEM iteration is
     :func:`dcem.dcem_step`, the step :func:`dcem.dcem` loops over; small CPU problems with
-    gradients take :class:`_DCEMThroughNet`, the same arithmetic without an autograd graph.
+    gradients take :class:`_DCEMThroughNet` (:class:`_GDThroughNet` for ``gd``), the same
+    arithmetic without an autograd graph.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "gd" and _fast_gd_ok(x):
+        y = _GDThroughNet.apply(cfg, n_iter, *_net_inputs(params, x))
+        return cast(Tensor, y).reshape(x.shape)
     if method == "dcem" and _fast_dcem_ok(x, cfg):
         try:
             mu = _DCEMThroughNet.apply(noise, cfg, n_iter, *_net_inputs(params, x))
