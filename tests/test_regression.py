@@ -276,13 +276,18 @@ def test_fused_dcem_solve_hands_non_finite_energies_to_the_library(
 ) -> None:
     """An energy that is +inf for y > 5 makes the fused node give way to dcem_step (which
     ranks those samples last) with the same noise: both settings give the same numbers."""
-    forward = regression._net_forward
+    forward, forward_np = regression._net_forward, regression._net_forward_np
 
     def inf_above_5(y_sp, net):  # type: ignore[no-untyped-def]
         e, acts = forward(y_sp, net)
         return e.masked_fill(y_sp.reshape(e.shape) > 5.0, math.inf), acts
 
+    def inf_above_5_np(y, net):  # type: ignore[no-untyped-def]
+        e, acts = forward_np(y, net)
+        return np.where(y > 5.0, np.inf, e), acts
+
     monkeypatch.setattr(regression, "_net_forward", inf_above_5)
+    monkeypatch.setattr(regression, "_net_forward_np", inf_above_5_np)
     cfg = RegressionConfig(dcem_n_sample=30, dcem_n_elite=5)
     nets = _nets(2, 8, torch.float64)
     x = torch.rand(2, 3, 1, dtype=torch.float64) * 6.0

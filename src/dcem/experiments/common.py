@@ -558,7 +558,8 @@ def _run_pool(
     with cf.ProcessPoolExecutor(
         workers, mp_context=ctx, initializer=_init_worker, initargs=(progress_queue, os.getpid())
     ) as pool:
-        futures = {pool.submit(_worker_job, job, args) for args in pending}
+        with _environ(OPENBLAS_NUM_THREADS="1"):  # read when a spawned worker loads NumPy
+            futures = {pool.submit(_worker_job, job, args) for args in pending}
         try:
             while futures:
                 _drain(progress_queue, progress, timeout=0.2)
@@ -570,6 +571,19 @@ def _run_pool(
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+
+
+@contextlib.contextmanager
+def _environ(**defaults: str) -> Iterator[None]:
+    """Set environment variables the user has not set, for the body only. The workers run
+    one thread each: NumPy's OpenBLAS would otherwise start a thread per core in each."""
+    added = {k: v for k, v in defaults.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def _drain(progress_queue: Any, progress: ProgressFn, timeout: float) -> None:

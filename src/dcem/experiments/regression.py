@@ -80,7 +80,7 @@ COLORS = {"gd": "#348ABD", "dcem": "#A60628"}
 # units of a one-seed GD update), to start the longest jobs first.
 JOB_COST = {"gd": (0.75, 0.25), "dcem": (1.9, 1.1)}
 METRIC_FIELDS = ["update", "train_mse", "lr"]
-EVAL_ROWS = 1_000  # net evaluations (rows) per solve in evaluations (see `evaluate_batch`)
+EVAL_ROWS = 2_000  # net evaluations (rows) per solve in evaluations (see `evaluate_batch`)
 CKPT_VERSION = 2  # 2: one checkpoint per batch of seeds
 
 Progress = common.ProgressFn
@@ -349,39 +349,86 @@ def _softplus(a: Tensor) -> Tensor:
     return torch.from_numpy(h)
 
 
-def _net_backward(
-    g_e: Tensor, y_sp: Tensor, acts: Sequence[Tensor], net: Sequence[Tensor],
-    grads: Sequence[Tensor], need_y: bool,
-) -> Tensor | None:  # fmt: skip
-    """The vector-Jacobian product of :func:`_net_forward` with g_e (S, P * n), written out.
+def _softplus_np(a: np.ndarray) -> np.ndarray:
+    """``F.softplus`` (beta 1, threshold 20) in NumPy, a fresh array."""
+    with np.errstate(over="ignore"):
+        h = np.exp(a)
+    np.log1p(h, out=h)
+    if a.max(initial=-np.inf) > 20:
+        np.copyto(h, a, where=a > 20)
+    return h
 
-    Adds the parameter gradients to ``grads`` (shaped like ``net``) and returns the
-    candidates' gradient (like y_sp) when ``need_y``. With ``softplus'(a) g`` as
-    :func:`torch.ops.aten.softplus_backward` (beta 1, threshold 20, as ``F.softplus``):
-    ``g_a3 = softplus'(a_3) g_e w_out``, ``g_a2 = softplus'(a_2) g_a3 w_2``, ``g_a1 =
-    softplus'(a_1) g_a2 w_1``; ``g_w_l += g_a^T h``, ``g_b_l += sum g_a``, ``g_y = g_a1 w_y``.
+
+def _softplus_grad_np(g: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """``softplus'(a) g`` as ``torch.ops.aten.softplus_backward`` (threshold 20), in place
+    of nothing: a fresh array ``g / (1 + exp(-a))``, ``g`` itself above the threshold."""
+    with np.errstate(over="ignore"):
+        out = np.exp(-a)
+    out += 1
+    np.divide(g, out, out=out)
+    if a.max(initial=-np.inf) > 20:
+        np.copyto(out, g, where=a > 20)
+    return out
+
+
+class _NetArrays:
+    """The stacked nets (from :func:`_net_inputs`) as NumPy arrays shaped for
+    :func:`_net_forward_np` and :func:`_net_backward_np` (views of the tensors' memory)."""
+
+    def __init__(self, net: Sequence[Tensor]) -> None:
+        x_part, w_y, w_1, b_1, w_2, b_2, w_out, b_out = (t.detach().numpy() for t in net)
+        n_nets, self.n_points, n_hidden = x_part.shape
+        self.x_part, self.w_1, self.w_2, self.b_out = x_part, w_1, w_2, b_out
+        self.w_y, self.w_out = w_y.reshape(n_nets, 1, n_hidden), w_out
+        self.b_1, self.b_2 = b_1[:, None], b_2[:, None]
+        self.w_1t, self.w_2t = w_1.transpose(0, 2, 1), w_2.transpose(0, 2, 1)
+
+
+def _net_forward_np(y: np.ndarray, net: _NetArrays) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """:func:`_net_forward` in NumPy: candidates y (S, P * n) -> (E (S, P * n), acts)."""
+    n_nets, rows = y.shape
+    a_1 = net.x_part[:, :, None, :] + y.reshape(n_nets, net.n_points, -1, 1) * net.w_y[:, None]
+    a_1 = a_1.reshape(n_nets, rows, -1)
+    h_1 = _softplus_np(a_1)
+    a_2 = np.matmul(h_1, net.w_1t)
+    a_2 += net.b_1
+    h_2 = _softplus_np(a_2)
+    a_3 = np.matmul(h_2, net.w_2t)
+    a_3 += net.b_2
+    h_3 = _softplus_np(a_3)
+    e = np.matmul(h_3, net.w_out.transpose(0, 2, 1))[..., 0]
+    e += net.b_out
+    return e, (a_1, h_1, a_2, h_2, a_3, h_3)
+
+
+def _net_backward_np(
+    g_e: np.ndarray, y: np.ndarray, acts: Sequence[np.ndarray], net: _NetArrays,
+    grads: Sequence[np.ndarray], need_y: bool,
+) -> np.ndarray | None:  # fmt: skip
+    """The vector-Jacobian product of :func:`_net_forward_np` with g_e (S, P * n).
+
+    Adds the parameter gradients to ``grads`` (shaped like :func:`_net_inputs`' tensors) and
+    returns the candidates' gradient (like y) when ``need_y``: ``g_a3 = softplus'(a_3) g_e
+    w_out``, ``g_a2 = softplus'(a_2) g_a3 W_2``, ``g_a1 = softplus'(a_1) g_a2 W_1``; ``g_W_l
+    += g_a^T h``, ``g_b_l += sum g_a``, ``g_y = g_a1 . w_y``.
     """
-    _, w_y, w_1, _, w_2, _, w_out, _ = net
     a_1, h_1, a_2, h_2, a_3, h_3 = acts
     g_xp, g_wy, g_w1, g_b1, g_w2, g_b2, g_wo, g_bo = grads
-    g_wo.baddbmm_(g_e.unsqueeze(1), h_3)
-    g_bo.add_(g_e.sum(1, keepdim=True))
-    g_a = _softplus_backward(g_e.unsqueeze(2) * w_out, a_3, 1, 20)
-    g_w2.baddbmm_(g_a.transpose(1, 2), h_2)
-    g_b2.add_(g_a.sum(1))
-    g_a = _softplus_backward(torch.bmm(g_a, w_2), a_2, 1, 20)
-    g_w1.baddbmm_(g_a.transpose(1, 2), h_1)
-    g_b1.add_(g_a.sum(1))
-    g_a = _softplus_backward(torch.bmm(g_a, w_1), a_1, 1, 20)
-    n_nets, n_points, n = y_sp.shape[:3]
-    g_xp.add_(g_a.reshape(n_nets, n_points, n, -1).sum(2))
-    g_wy.add_(torch.bmm(y_sp.reshape(n_nets, 1, -1), g_a).reshape(g_wy.shape))
+    n_nets, rows = y.shape
+    g_wo += np.matmul(g_e[:, None], h_3)
+    g_bo += g_e.sum(1, keepdims=True)
+    g_a = _softplus_grad_np(g_e[..., None] * net.w_out, a_3)
+    g_w2 += np.matmul(g_a.transpose(0, 2, 1), h_2)
+    g_b2 += g_a.sum(1)
+    g_a = _softplus_grad_np(np.matmul(g_a, net.w_2), a_2)
+    g_w1 += np.matmul(g_a.transpose(0, 2, 1), h_1)
+    g_b1 += g_a.sum(1)
+    g_a = _softplus_grad_np(np.matmul(g_a, net.w_1), a_1)
+    g_xp += g_a.reshape(n_nets, net.n_points, -1, g_a.shape[-1]).sum(2)
+    g_wy += np.matmul(y[:, None], g_a).reshape(g_wy.shape)
     if not need_y:
         return None
-    return torch.bmm(g_a, w_y.reshape(n_nets, -1, 1)).reshape(y_sp.shape)
-
-
-_softplus_backward = torch.ops.aten.softplus_backward  # (grad, input, beta, threshold)
+    return np.matmul(g_a, net.w_y.transpose(0, 2, 1))[..., 0]
 
 
 def batched_energy_fn(params: Sequence[Tensor], x: Tensor) -> Callable[[Tensor], Tensor]:
@@ -409,67 +456,87 @@ class _NonFinite(Exception):
         self.draws = draws
 
 
+def _dcem_solve_np(
+    noise: Callable[[], Tensor], cfg: RegressionConfig, n_iter: int, arrays: _NetArrays,
+    record: bool,
+) -> tuple[np.ndarray, list[tuple]]:  # fmt: skip
+    """DCEM's iterations on the nets in NumPy (:func:`dcem.dcem_step`'s arithmetic with the
+    library's NumPy refit): returns the final mean (S * P, 1) and, when ``record``, what the
+    backward of :class:`_DCEMThroughNet` needs of every iteration. Raises :class:`_NonFinite`
+    (with the noise drawn so far) at the first non-finite energy."""
+    n_nets, n_points = arrays.x_part.shape[:2]
+    mu = np.zeros((n_nets * n_points, 1), arrays.x_part.dtype)
+    sigma = np.full_like(mu, cfg.dcem_init_sigma)
+    steps, draws = [], []
+    for _ in range(n_iter):
+        eps = noise()
+        draws.append(eps)
+        x = mu[:, None] + sigma[:, None] * eps.numpy()
+        y = x.reshape(n_nets, -1)
+        e, acts = _net_forward_np(y, arrays)
+        if not (math.isfinite(e.sum()) or np.isfinite(e).all()):
+            raise _NonFinite(draws)
+        new_mu, new_sigma, _, refit = optim._soft_refit_numpy(
+            torch.from_numpy(e.reshape(n_nets * n_points, -1)), torch.from_numpy(x),
+            cfg.dcem_n_elite, cfg.dcem_tau, cfg.dcem_normalize,
+        )  # fmt: skip
+        mu, sigma = new_mu.numpy(), new_sigma.numpy()
+        if record:
+            steps.append((eps.numpy(), y, acts, refit))
+    return mu, steps
+
+
 class _DCEMThroughNet(torch.autograd.Function):
     """DCEM's solve through the energy nets (training, :func:`predict_batch`) as one node.
 
     The same iterations as :func:`dcem.dcem_step` in the forward (samples, energies,
     standardized soft top-k, weighted refit; same operations, same noise, small CPU
     problems); the backward walks the iterations in reverse with the refit's written-out
-    VJP (the library's NumPy form) and :func:`_net_backward`: ``g_x = g_x(refit) + g_y(E)``,
-    ``g_mu = sum_n g_x``, ``g_sigma = sum_n g_x eps``. No autograd graph is built, which
-    saves the recording and replaying of about forty operations per iteration: a training
-    update took 9.4 instead of 10.6 ms (one seed) and 13.3 instead of 14.7 ms (two seeds)
-    on a CPU core (``benchmarks/regression.py``). First derivatives only.
+    VJP (the library's NumPy form) and :func:`_net_backward_np`: ``g_x = g_x(refit) +
+    g_y(E)``, ``g_mu = sum_n g_x``, ``g_sigma = sum_n g_x eps``. No autograd graph is built
+    and the nets run in NumPy (about a microsecond per operation against several for torch's
+    on these (S, 100, 128) arrays; ``benchmarks/regression.py`` times both paths). First
+    derivatives only.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, noise: Callable[[], Tensor], cfg: RegressionConfig, n_iter: int, *net: Tensor
     ) -> Tensor:
-        n_nets, n_points = net[0].shape[:2]
-        mu = net[0].new_zeros(n_nets * n_points, 1)
-        sigma = torch.full_like(mu, cfg.dcem_init_sigma)
-        steps, draws = [], []
-        for _ in range(n_iter):
-            eps = noise()
-            draws.append(eps)
-            x = torch.addcmul(mu.unsqueeze(1), sigma.unsqueeze(1), eps)
-            y_sp = x.reshape(n_nets, n_points, -1, 1)
-            e, acts = _net_forward(y_sp, net)
-            v = e.reshape(n_nets * n_points, -1)
-            if not optim._all_finite(v):
-                raise _NonFinite(draws)
-            mu, sigma, _, arrays = optim._soft_refit_numpy(
-                v, x, cfg.dcem_n_elite, cfg.dcem_tau, cfg.dcem_normalize
-            )
-            steps.append((eps, y_sp, acts, arrays))
-        ctx.steps, ctx.cfg = steps, cfg
-        ctx.save_for_backward(*net)
-        return mu
+        ctx.arrays = _NetArrays(net)
+        mu, ctx.steps = _dcem_solve_np(noise, cfg, n_iter, ctx.arrays, record=True)
+        ctx.cfg = cfg
+        ctx.save_for_backward(*net)  # keeps the arrays' memory alive
+        return torch.from_numpy(mu)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g_mu: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        net, cfg = ctx.saved_tensors, ctx.cfg
-        grads = [torch.zeros_like(p) for p in net]
+        net, cfg, arrays = ctx.saved_tensors, ctx.cfg, ctx.arrays
+        grads = [np.zeros(p.shape, arrays.x_part.dtype) for p in net]
         g_sigma = torch.zeros_like(g_mu)
         for t in reversed(range(len(ctx.steps))):
-            eps, y_sp, acts, arrays = ctx.steps[t]
+            eps, y, acts, refit = ctx.steps[t]
             g_v, g_x = optim._soft_refit_backward_numpy(
-                arrays, cfg.dcem_n_elite, cfg.dcem_tau, cfg.dcem_normalize, g_mu, g_sigma
+                refit, cfg.dcem_n_elite, cfg.dcem_tau, cfg.dcem_normalize, g_mu, g_sigma
             )
-            g_y = _net_backward(g_v.reshape(y_sp.shape[0], -1), y_sp, acts, net, grads, t > 0)
+            g_y = _net_backward_np(g_v.numpy().reshape(y.shape), y, acts, arrays, grads, t > 0)
             if g_y is not None:  # mu_0 and sigma_0 are constants
-                g_x = g_x + g_y.reshape(g_x.shape)
-                g_mu, g_sigma = g_x.sum(1), (g_x * eps).sum(1)
+                g_xn = g_x.numpy() + g_y.reshape(g_x.shape)
+                g_mu = torch.from_numpy(g_xn.sum(1))
+                g_sigma = torch.from_numpy((g_xn * eps).sum(1))
         need = ctx.needs_input_grad[3:]
-        return (None, None, None, *(g if n else None for g, n in zip(grads, need, strict=True)))
+        return (
+            None, None, None,
+            *(torch.from_numpy(g) if n else None for g, n in zip(grads, need, strict=True)),
+        )  # fmt: skip
 
 
 def _fast_dcem_ok(x: Tensor, cfg: RegressionConfig) -> bool:
-    """Whether :class:`_DCEMThroughNet` may solve a training prediction for x (S, P, 1)."""
+    """Whether DCEM's solve for x (S, P, 1) may run in NumPy (:func:`_dcem_solve_np`, with
+    :class:`_DCEMThroughNet` for gradients)."""
     return (
-        torch.is_grad_enabled() and x.device.type == "cpu"
+        x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
         and x.shape[0] * x.shape[1] * cfg.dcem_n_sample <= optim._SMALL_REFIT
         and not torch._C._are_functorch_transforms_active()
@@ -558,8 +625,10 @@ class _GDThroughNet(torch.autograd.Function):
             g_xp += g_a1
             g_wy += (g_a1 * y[..., None]).sum(1, keepdims=True)
             g_y = g_y + (g_a1 * w_y).sum(-1)
-            rows_1[0].extend((d_2, g_a2)), rows_1[1].extend((g_e1, h_1))
-            rows_2[0].extend((d_3, g_a3)), rows_2[1].extend((g_e2, h_2))
+            rows_1[0].extend((d_2, g_a2))
+            rows_1[1].extend((g_e1, h_1))
+            rows_2[0].extend((d_3, g_a3))
+            rows_2[1].extend((g_e2, h_2))
         g_w1, g_w2 = (
             np.matmul(np.concatenate(left, 1).transpose(0, 2, 1), np.concatenate(right, 1))
             for left, right in (rows_1, rows_2)
@@ -606,7 +675,11 @@ def predict_batch(
         return cast(Tensor, y).reshape(x.shape)
     if method == "dcem" and _fast_dcem_ok(x, cfg):
         try:
-            mu = _DCEMThroughNet.apply(noise, cfg, n_iter, *_net_inputs(params, x))
+            net = _net_inputs(params, x)
+            if torch.is_grad_enabled():
+                mu = _DCEMThroughNet.apply(noise, cfg, n_iter, *net)
+            else:  # evaluations
+                mu = torch.from_numpy(_dcem_solve_np(noise, cfg, n_iter, _NetArrays(net), False)[0])
             return cast(Tensor, mu).reshape(x.shape)
         except _NonFinite as stop:  # the general path ranks non-finite energies last
             noise = functools.partial(_replay_then_draw, list(stop.draws), noise)
@@ -644,7 +717,7 @@ def evaluate_batch(
     the ``(S, chunk * n_sample, n_hidden)`` activations in cache; the noise of every
     iteration is drawn first, in the order of an unchunked solve. The default chunk makes
     about ``EVAL_ROWS`` rows per solve: on a CPU core an evaluation of two DCEM nets took
-    380 ms with 5 points per solve and 550-610 ms with 25-100.
+    0.39 s with 1 point per solve, 0.31 s with 5, 0.29 s with 10 or 20 and 0.30 s with 40.
     """
     n_nets, n_points = len(models), x.shape[0]
     if chunk is None:
