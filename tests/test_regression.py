@@ -282,8 +282,8 @@ def test_fused_dcem_solve_hands_non_finite_energies_to_the_library(
         e, acts = forward(y_sp, net)
         return e.masked_fill(y_sp.reshape(e.shape) > 5.0, math.inf), acts
 
-    def inf_above_5_np(y, net):  # type: ignore[no-untyped-def]
-        e, acts = forward_np(y, net)
+    def inf_above_5_np(y, net, sigmoid):  # type: ignore[no-untyped-def]
+        e, acts = forward_np(y, net, sigmoid)
         return np.where(y > 5.0, np.inf, e), acts
 
     monkeypatch.setattr(regression, "_net_forward", inf_above_5)

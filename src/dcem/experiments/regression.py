@@ -321,54 +321,34 @@ def _net_forward(y_sp: Tensor, net: Sequence[Tensor]) -> tuple[Tensor, tuple[Ten
     x_part, w_y, w_1, b_1, w_2, b_2, w_out, b_out = net
     n_nets, n_points, n = y_sp.shape[:3]
     a_1 = torch.addcmul(x_part.unsqueeze(2), y_sp, w_y).reshape(n_nets, n_points * n, -1)
-    h_1 = _softplus(a_1)
+    h_1 = F.softplus(a_1)
     a_2 = torch.baddbmm(b_1.unsqueeze(1), h_1, w_1.transpose(1, 2))
-    h_2 = _softplus(a_2)
+    h_2 = F.softplus(a_2)
     a_3 = torch.baddbmm(b_2.unsqueeze(1), h_2, w_2.transpose(1, 2))
-    h_3 = _softplus(a_3)
+    h_3 = F.softplus(a_3)
     # The 1-unit output layer as multiply-and-sum: a (.., H) x (H, 1) bmm and its backward
     # cost several times more on a CPU core. w_out: (S, 1, H), b_out: (S, 1).
     return torch.linalg.vecdot(h_3, w_out) + b_out, (a_1, h_1, a_2, h_2, a_3, h_3)
 
 
-def _softplus(a: Tensor) -> Tensor:
-    """:func:`F.softplus` (beta 1, threshold 20). A CPU float tensor outside autograd (the
-    written-out solves, evaluations) takes NumPy's exp and log1p, which took 0.6-0.7x the time
-    of torch's kernel on a CPU core here for (2, 100..1000, 128) tensors."""
-    if (
-        a.requires_grad or a.device.type != "cpu" or a.dtype not in (torch.float32, torch.float64)
-        or torch._C._are_functorch_transforms_active()
-    ):  # fmt: skip
-        return F.softplus(a)
-    an = a.numpy()
-    with np.errstate(over="ignore"):
-        h = np.exp(an)
-    np.log1p(h, out=h)
-    if an.max(initial=-np.inf) > 20:
-        np.copyto(h, an, where=an > 20)
-    return torch.from_numpy(h)
-
-
-def _softplus_np(a: np.ndarray) -> np.ndarray:
-    """``F.softplus`` (beta 1, threshold 20) in NumPy, a fresh array."""
-    with np.errstate(over="ignore"):
-        h = np.exp(a)
-    np.log1p(h, out=h)
+def _softplus_np(a: np.ndarray, sigmoid: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """``F.softplus(a)`` (beta 1, threshold 20) in NumPy and, when ``sigmoid``, its derivative
+    ``exp(a) / (1 + exp(a))`` as ``torch.ops.aten.softplus_backward`` computes it (1 above
+    the threshold). NumPy's exp and log1p took 0.6-0.7x the time of torch's softplus kernel
+    on a CPU core here for (2, 100..1000, 128) arrays."""
+    with np.errstate(over="ignore", invalid="ignore"):  # exp(a) = inf above ~88: masked
+        z = np.exp(a)
+        h = np.log1p(z)
+        s = None
+        if sigmoid:
+            s = z + 1
+            np.divide(z, s, out=s)
     if a.max(initial=-np.inf) > 20:
-        np.copyto(h, a, where=a > 20)
-    return h
-
-
-def _softplus_grad_np(g: np.ndarray, a: np.ndarray) -> np.ndarray:
-    """``softplus'(a) g`` as ``torch.ops.aten.softplus_backward`` (threshold 20), in place
-    of nothing: a fresh array ``g / (1 + exp(-a))``, ``g`` itself above the threshold."""
-    with np.errstate(over="ignore"):
-        out = np.exp(-a)
-    out += 1
-    np.divide(g, out, out=out)
-    if a.max(initial=-np.inf) > 20:
-        np.copyto(out, g, where=a > 20)
-    return out
+        big = a > 20
+        np.copyto(h, a, where=big)
+        if s is not None:
+            np.copyto(s, 1, where=big)
+    return h, s
 
 
 class _NetArrays:
@@ -384,21 +364,26 @@ class _NetArrays:
         self.w_1t, self.w_2t = w_1.transpose(0, 2, 1), w_2.transpose(0, 2, 1)
 
 
-def _net_forward_np(y: np.ndarray, net: _NetArrays) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-    """:func:`_net_forward` in NumPy: candidates y (S, P * n) -> (E (S, P * n), acts)."""
+def _net_forward_np(
+    y: np.ndarray, net: _NetArrays, sigmoid: bool
+) -> tuple[np.ndarray, tuple[np.ndarray | None, ...]]:
+    """:func:`_net_forward` in NumPy: candidates y (S, P * n) -> (E (S, P * n), (s_1, h_1,
+    s_2, h_2, s_3, h_3)) with the activations ``h_l = softplus(a_l)`` and, for
+    :func:`_net_backward_np` (when ``sigmoid``), their derivatives ``s_l = softplus'(a_l)``,
+    each (S, P * n, H)."""
     n_nets, rows = y.shape
     a_1 = net.x_part[:, :, None, :] + y.reshape(n_nets, net.n_points, -1, 1) * net.w_y[:, None]
     a_1 = a_1.reshape(n_nets, rows, -1)
-    h_1 = _softplus_np(a_1)
+    h_1, s_1 = _softplus_np(a_1, sigmoid)
     a_2 = np.matmul(h_1, net.w_1t)
     a_2 += net.b_1
-    h_2 = _softplus_np(a_2)
+    h_2, s_2 = _softplus_np(a_2, sigmoid)
     a_3 = np.matmul(h_2, net.w_2t)
     a_3 += net.b_2
-    h_3 = _softplus_np(a_3)
+    h_3, s_3 = _softplus_np(a_3, sigmoid)
     e = np.matmul(h_3, net.w_out.transpose(0, 2, 1))[..., 0]
     e += net.b_out
-    return e, (a_1, h_1, a_2, h_2, a_3, h_3)
+    return e, (s_1, h_1, s_2, h_2, s_3, h_3)
 
 
 def _net_backward_np(
@@ -408,22 +393,25 @@ def _net_backward_np(
     """The vector-Jacobian product of :func:`_net_forward_np` with g_e (S, P * n).
 
     Adds the parameter gradients to ``grads`` (shaped like :func:`_net_inputs`' tensors) and
-    returns the candidates' gradient (like y) when ``need_y``: ``g_a3 = softplus'(a_3) g_e
-    w_out``, ``g_a2 = softplus'(a_2) g_a3 W_2``, ``g_a1 = softplus'(a_1) g_a2 W_1``; ``g_W_l
-    += g_a^T h``, ``g_b_l += sum g_a``, ``g_y = g_a1 . w_y``.
+    returns the candidates' gradient (like y) when ``need_y``: ``g_a3 = s_3 g_e w_out``,
+    ``g_a2 = s_2 (g_a3 W_2)``, ``g_a1 = s_1 (g_a2 W_1)``; ``g_W_l += g_a^T h``, ``g_b_l +=
+    sum g_a``, ``g_y = g_a1 . w_y``, with the saved derivatives ``s_l = softplus'(a_l)``.
     """
-    a_1, h_1, a_2, h_2, a_3, h_3 = acts
+    s_1, h_1, s_2, h_2, s_3, h_3 = acts
     g_xp, g_wy, g_w1, g_b1, g_w2, g_b2, g_wo, g_bo = grads
     n_nets, rows = y.shape
     g_wo += np.matmul(g_e[:, None], h_3)
     g_bo += g_e.sum(1, keepdims=True)
-    g_a = _softplus_grad_np(g_e[..., None] * net.w_out, a_3)
+    g_a = g_e[..., None] * net.w_out
+    g_a *= s_3
     g_w2 += np.matmul(g_a.transpose(0, 2, 1), h_2)
     g_b2 += g_a.sum(1)
-    g_a = _softplus_grad_np(np.matmul(g_a, net.w_2), a_2)
+    g_a = np.matmul(g_a, net.w_2)
+    g_a *= s_2
     g_w1 += np.matmul(g_a.transpose(0, 2, 1), h_1)
     g_b1 += g_a.sum(1)
-    g_a = _softplus_grad_np(np.matmul(g_a, net.w_1), a_1)
+    g_a = np.matmul(g_a, net.w_1)
+    g_a *= s_1
     g_xp += g_a.reshape(n_nets, net.n_points, -1, g_a.shape[-1]).sum(2)
     g_wy += np.matmul(y[:, None], g_a).reshape(g_wy.shape)
     if not need_y:
@@ -473,7 +461,7 @@ def _dcem_solve_np(
         draws.append(eps)
         x = mu[:, None] + sigma[:, None] * eps.numpy()
         y = x.reshape(n_nets, -1)
-        e, acts = _net_forward_np(y, arrays)
+        e, acts = _net_forward_np(y, arrays, sigmoid=record)
         if not (math.isfinite(e.sum()) or np.isfinite(e).all()):
             raise _NonFinite(draws)
         new_mu, new_sigma, _, refit = optim._soft_refit_numpy(
