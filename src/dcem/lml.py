@@ -209,7 +209,24 @@ def _stage1_numpy(flat: Tensor, k: float, n: int, iters: int) -> tuple[Tensor, T
     not depend on the other rows); returns ``(y, g)`` as tensors. Non-finite rows give NaN
     residuals, which send them to the careful path exactly as in the torch version.
     """
-    z = flat.detach().numpy()
+    y, g = _stage1_arrays(flat.detach().numpy(), k, n, iters)
+    return torch.from_numpy(y), torch.from_numpy(g)
+
+
+def _forward_numpy(x: np.ndarray, k: int, tau: float) -> np.ndarray:
+    """:func:`_forward` of a small float32/float64 array (at most ``_SMALL`` entries, k < n)
+    without leaving NumPy while stage 1 converges (the careful path runs in torch)."""
+    n = x.shape[-1]
+    flat = (x / x.dtype.type(tau) if tau != 1.0 else x).reshape(-1, n)
+    dtype = torch.float32 if x.dtype == np.float32 else torch.float64
+    y, g = _stage1_arrays(flat, k, n, _STAGE1_ITERS[dtype])
+    if not float(np.abs(g).max(initial=0.0)) <= _RTOL[dtype] * max(1.0, float(k)):
+        return _forward(torch.from_numpy(x), k, tau, None).numpy()
+    return y.reshape(x.shape)
+
+
+def _stage1_arrays(z: np.ndarray, k: float, n: int, iters: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_stage1_numpy` on an array z (r, n): ``(y, g)`` as arrays."""
     dt = z.dtype.type
     with np.errstate(all="ignore"):
         m = z.sum(-1) / n
@@ -230,7 +247,7 @@ def _stage1_numpy(flat: Tensor, k: float, n: int, iters: int) -> tuple[Tensor, T
             lo, hi = np.where(below, nu, lo), np.where(below, hi, nu)
             step = nu - g / slope
             nu = np.where((step >= lo) & (step <= hi), step, 0.5 * (lo + hi)).astype(z.dtype)
-    return torch.from_numpy(y), torch.from_numpy(np.asarray(g))
+    return y, np.asarray(g)
 
 
 def _forward(x: Tensor, k: float, tau: float, max_iter: int | None) -> Tensor:

@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from dcem.lml import _forward as _lml_forward
+from dcem.lml import _forward_numpy as _lml_forward_numpy
 from dcem.lml import _vjp as _lml_vjp
 from dcem.lml import lml
 
@@ -300,7 +301,7 @@ def _soft_refit_numpy(
         z = -centred / s
     else:
         z, s, live = -vn, None, None
-    w = _lml_forward(torch.from_numpy(z), k, tau, None).numpy()
+    w = _lml_forward_numpy(z, k, tau)
     wk = (w / k)[:, None, :]
     mu = np.matmul(wk, xn)[:, 0]
     dev = xn - mu[:, None]
