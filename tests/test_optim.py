@@ -136,6 +136,65 @@ def test_refit_from_noise_equals_refit_from_samples() -> None:
         assert torch.allclose(a, b, atol=1e-12)
 
 
+def test_large_problem_gradient_matches_finite_differences() -> None:
+    """Above ``_REPARAM_REFIT_MIN`` sample entries DCEM samples through ``_Sample`` and refits
+    from the noise: the directional derivative w.r.t. f's parameters, init_mu and init_sigma
+    matches central differences (float64, common random numbers)."""
+    import importlib
+
+    optim = importlib.import_module("dcem.optim")
+    batch, n, d = 4, 100, 200
+    assert batch * n * d >= optim._REPARAM_REFIT_MIN
+    torch.manual_seed(0)
+    p0 = torch.randn(batch, d, dtype=F64)
+    mu0, sigma0 = torch.randn(batch, d, dtype=F64), torch.rand(batch, d, dtype=F64) + 0.5
+    probe = torch.randn(batch, d, dtype=F64)
+    dirs = [torch.randn(batch, d, dtype=F64) for _ in range(3)]
+
+    def loss(p: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        f = lambda x: (0.5 * x.square() + p.unsqueeze(1) * x).sum(-1)  # noqa: E731
+        out = dcem.dcem(f, mu, sigma, n_sample=n, n_elite=10, n_iter=3, generator=gen(4))
+        return (out * probe).sum()
+
+    args = [t.clone().requires_grad_() for t in (p0, mu0, sigma0)]
+    grads = torch.autograd.grad(loss(*args), args)
+    for i, (g, u) in enumerate(zip(grads, dirs, strict=True)):
+        h = 1e-6
+        plus = [t.clone() for t in (p0, mu0, sigma0)]
+        minus = [t.clone() for t in (p0, mu0, sigma0)]
+        plus[i] += h * u
+        minus[i] -= h * u
+        fd = (loss(*plus) - loss(*minus)) / (2 * h)
+        assert float((g * u).sum()) == pytest.approx(float(fd), rel=1e-4), i
+
+
+def test_blocked_sample_node_equals_addcmul_and_finite_differences(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Large problems sample through ``_Sample`` (its backward sums g * eps a block of
+    problems at a time): same values and gradients as autograd through addcmul, including
+    a second derivative, and a gradcheck; blocks of 2 problems for 5 exercise the cut."""
+    import importlib
+
+    optim = importlib.import_module("dcem.optim")
+    monkeypatch.setattr(optim, "_BLOCK", 2 * 7 * 3)
+    torch.manual_seed(0)
+    mu = torch.randn(5, 3, dtype=F64, requires_grad=True)
+    sigma = (torch.rand(5, 3, dtype=F64) + 0.5).requires_grad_()
+    eps = torch.randn(5, 7, 3, dtype=F64, requires_grad=True)
+    x1 = optim._Sample.apply(mu, sigma, eps)
+    x2 = torch.addcmul(mu.unsqueeze(1), sigma.unsqueeze(1), eps)
+    assert torch.equal(x1, x2)
+    probe = torch.randn(5, 7, 3, dtype=F64)
+    g1 = torch.autograd.grad((x1.square() * probe).sum(), [mu, sigma, eps], create_graph=True)
+    g2 = torch.autograd.grad((x2.square() * probe).sum(), [mu, sigma, eps], create_graph=True)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    hh = [torch.autograd.grad(g[1].sum(), sigma)[0] for g in (g1, g2)]
+    torch.testing.assert_close(hh[0], hh[1], rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(optim._Sample.apply, (mu, sigma, eps))
+
+
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("small", [True, False], ids=["numpy", "torch"])
 def test_fused_soft_refit_matches_autograd_composition(
@@ -389,6 +448,8 @@ def test_benchmark_runs_tiny(tmp_path, options: tuple[str, ...]) -> None:
     assert result["keep_freed_memory"] is bool(options)
     for row in result["results"]:
         assert row["noise_floor_s"] > 0 and row["dcem_fwd_bwd_s"] > 0 and row["cem_fwd_s"] > 0
+        assert 0 < row["f_fwd_s"] < row["f_fwd_bwd_s"]  # the cost alone, for the split
+        assert row["f_fwd_over_floor"] == pytest.approx(row["f_fwd_s"] / row["noise_floor_s"])
     modes = result["mlp"]["backward_modes"]
     assert modes["checkpoint"]["grad_rel_error"] == 0.0
     assert modes["checkpoint"]["peak_bytes"] < modes["full"]["peak_bytes"]

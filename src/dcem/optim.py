@@ -354,6 +354,36 @@ def _sample(mu: Tensor, sigma: Tensor, eps: Tensor, lb: Tensor | None, ub: Tenso
     return x
 
 
+class _Sample(torch.autograd.Function):
+    """``mu + sigma * eps`` (B, N, d) for large problems, with a backward that never writes a
+    (B, N, d) tensor: ``g_mu = sum_n g``, and ``g_sigma = sum_n g eps`` formed a cache-sized
+    block of problems at a time (autograd's ``addcmul`` backward writes ``g * eps`` whole,
+    then reads it again). The backward is made of differentiable operations."""
+
+    @staticmethod
+    def forward(ctx: Any, mu: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(sigma, eps)
+        return torch.addcmul(mu.unsqueeze(1), sigma.unsqueeze(1), eps)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        sigma, eps = ctx.saved_tensors
+        need_mu, need_sigma, need_eps = ctx.needs_input_grad
+        g_mu = g.sum(1) if need_mu else None
+        g_sigma = None
+        if need_sigma:
+            rows = max(1, _BLOCK // (g.shape[1] * g.shape[2]))
+            g_sigma = torch.cat([
+                torch.mul(g[i : i + rows], eps[i : i + rows]).sum(1)
+                for i in range(0, g.shape[0], rows)
+            ])  # fmt: skip
+        g_eps = g * sigma.unsqueeze(1) if need_eps else None
+        return g_mu, g_sigma, g_eps
+
+
+_BLOCK = 1 << 18  # entries (1 MiB of float32) per block of _Sample's backward
+
+
 def _refit(x: Tensor, weights: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Weighted Gaussian maximum likelihood: x (B, N, d), weights (B, N) summing to k."""
     w = weights.unsqueeze(1)
@@ -409,9 +439,9 @@ def dcem_step(
     and std, the ``(B, N, d)`` samples, their ``(B, N)`` costs and the soft elite
     weights ``lml(scores, n_elite, tau)``. Differentiable in everything.
     """
-    x = _sample(mu, sigma, eps, lb, ub)
-    v = _costs(f, x)
     reparam = lb is None and ub is None and eps.numel() >= _REPARAM_REFIT_MIN
+    x = _Sample.apply(mu, sigma, eps) if reparam else _sample(mu, sigma, eps, lb, ub)
+    v = _costs(f, x)
     if not reparam and _fusable() and _all_finite(v):
         new_mu, new_sigma, weights = _SoftRefit.apply(v, x, n_elite, tau, normalize)
         return new_mu, new_sigma, x, v, weights
@@ -455,7 +485,7 @@ def _dcem_step_pruned(
         picks = torch.linspace(0, max(dropped.shape[1] - 1, 0), n_anchor, device=x.device)
         graph_idx = torch.cat([order[:, :n_keep], dropped[:, picks.round().long()]], 1)
     points = torch.cat(
-        [x.gather(1, graph_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])),
+        [_take(x, graph_idx),
          _finish(mu, lb, ub, single=False).unsqueeze(1)], 1,
     )  # fmt: skip
     v_graph = _costs(f, points)
@@ -482,7 +512,8 @@ def cem_step(
     ub: Tensor | None = None,
     normalize: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One CEM iteration from noise ``eps`` (B, N, d): hard top-k elites (``topk``/``gather``).
+    """One CEM iteration from noise ``eps`` (B, N, d): hard top-k elites (``topk``, then the
+    elite rows taken by index).
 
     Returns ``(mu, sigma, samples, costs, weights)`` like :func:`dcem_step`, with
     0/1 weights. (``normalize`` does not change the ranking; it is accepted for
@@ -491,12 +522,26 @@ def cem_step(
     return _cem_update(f, _sample(mu, sigma, eps, lb, ub), n_elite)
 
 
+def _take(x: Tensor, idx: Tensor) -> Tensor:
+    """The rows ``x[b, idx[b, j]]``: x (B, N, d), idx (B, m) -> (B, m, d), differentiable.
+
+    ``index_select`` on the flattened rows copies whole rows; ``gather`` with the index
+    expanded over d took 10x the time at (1024, 100, 32), m = 10 on a CPU core.
+    """
+    n_batch, n = x.shape[:2]
+    offsets = torch.arange(0, n_batch * n, n, device=idx.device).unsqueeze(1)
+    rows = x.reshape(n_batch * n, x.shape[-1]).index_select(0, (idx + offsets).flatten())
+    return rows.view(n_batch, idx.shape[1], x.shape[-1])
+
+
 def _cem_update(f: Cost, x: Tensor, n_elite: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The rest of :func:`cem_step` given the samples x (B, N, d)."""
     v = _costs(f, x)
-    scores = _scores(v, normalize=False)
-    idx = scores.topk(n_elite, dim=-1).indices
-    elites = x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    if _all_finite(v):  # the lowest costs directly (no negated copy, the elites unordered)
+        idx = v.topk(n_elite, dim=-1, largest=False, sorted=False).indices
+    else:
+        idx = _scores(v, normalize=False).topk(n_elite, dim=-1, sorted=False).indices
+    elites = _take(x, idx)
     mu = elites.mean(1)
     sigma = (elites - mu.unsqueeze(1)).square().mean(1).clamp_min(torch.finfo(x.dtype).tiny).sqrt()
     weights = torch.zeros_like(v).scatter_(1, idx, 1.0)
@@ -658,7 +703,7 @@ def cem(
 
     Same arguments and shapes as :func:`dcem` without ``tau``: each iteration
     keeps the ``n_elite`` samples of lowest cost (vectorized ``topk`` and
-    ``gather``) and refits the mean and std to them. Runs under ``no_grad``
+    ``index_select``) and refits the mean and std to them. Runs under ``no_grad``
     unless ``grad=True``. With ``return_best`` the best sample seen over all
     iterations is returned instead of the final mean. Non-finite costs rank
     last; a problem with no finite cost raises ``ValueError``.
@@ -693,7 +738,7 @@ def cem(
                 vv = torch.where(torch.isfinite(v), v, torch.full_like(v, math.inf))
                 val, idx = vv.min(-1)
                 better = val < best_v
-                cand = x.gather(1, idx.view(-1, 1, 1).expand(-1, 1, x.shape[-1])).squeeze(1)
+                cand = _take(x, idx.unsqueeze(1)).squeeze(1)
                 best_x = torch.where(better.unsqueeze(-1), cand, best_x)
                 best_v = torch.where(better, val, best_v)
             if callback is not None:
