@@ -104,8 +104,8 @@ def bench_quadratic(batch: int, d: int, repeats: int) -> dict:
         "f_fwd_bwd_s": median_time(f_fwd_bwd, repeats),
         "dcem_fwd_bwd_s": median_time(dcem_fb, repeats),
         "cem_fwd_s": median_time(cem_f, repeats),
-        "baseline_dcem_fwd_bwd_s": median_time(base_dcem, max(2, repeats // 5)),
-        "baseline_cem_fwd_s": median_time(base_cem, max(2, repeats // 5)),
+        "baseline_dcem_fwd_bwd_s": median_time(base_dcem, max(3, repeats // 2)),
+        "baseline_cem_fwd_s": median_time(base_cem, max(3, repeats // 2)),
     }
     return {
         "B": batch,

@@ -402,15 +402,16 @@ def _refit_reparam(
     and one elementwise pass without a graph: with ``S = sum w``, ``A = sum w eps``
     and the weighted mean ``e = A / S`` of the noise,
     ``mu' = (S mu + sigma A) / k`` and
-    ``sigma'^2 = (sigma^2 sum w (eps - e)^2 + S c^2) / k``, ``c = (1 - S / k)(mu + sigma e)``.
-    ``e`` is held constant in the centred sum, whose derivative in ``e`` vanishes there.
+    ``sigma'^2 = (sigma^2 sum w (eps - e)^2 + S c^2) / k``, ``c = (1 - S / k)(mu + sigma e)``,
+    where ``sum w (eps - e)^2 = sum w eps^2 - S e^2`` (the noise is standard normal, so
+    the two terms are of the order of k and their difference loses no more than a few
+    digits; one pass writes ``eps^2`` instead of two for the centred squares).
     """
     w = weights.unsqueeze(1)
     total = weights.sum(-1, keepdim=True)
     a = torch.bmm(w, eps).squeeze(1)
     e = a / total
-    centred = (eps - e.detach().unsqueeze(1)).square_()
-    spread = torch.bmm(w, centred).squeeze(1)
+    spread = torch.bmm(w, eps.square()).squeeze(1) - total * e * e
     new_mu = torch.addcmul(total * mu, sigma, a) / k
     c = (1 - total / k) * torch.addcmul(mu, sigma, e)
     var = (sigma * sigma * spread + total * c * c) / k
