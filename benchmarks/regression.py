@@ -3,8 +3,9 @@
 For each job shape of the default run (DCEM with 1 and 2 seeds batched, unrolled GD with 3),
 the median time of a training update (solve, loss, backward, clipping, Adam), and:
 
-- DCEM: the written-out solve (``_DCEMThroughNet``, what the runs use) against the library
-  path (``dcem.dcem_step`` differentiated by autograd), alternating in the same process;
+- the written-out solve (``_DCEMThroughNet`` / ``_GDThroughNet``, what the runs use)
+  against the library path (``dcem.dcem_step`` / ``dcem.unroll_gd`` differentiated by
+  autograd), alternating in the same process;
 - every job: worker processes as the runs start them (``keep_freed_memory``) against
   glibc's default allocator settings, each in a fresh subprocess, with the minor page faults
   per update (``getrusage``) beside the time;
@@ -45,21 +46,23 @@ def _time_updates(job: regression._Job, data: tuple, cfg, updates: int) -> tuple
 
 
 def measure(method: str, seeds: int, updates: int, repeats: int) -> dict:
-    """Median seconds per update (both DCEM paths alternating), faults, evaluation time."""
+    """Median seconds per update (the written-out and the library path alternating),
+    faults, evaluation time."""
     cfg = regression.RegressionConfig(eval_every=10**9)
     job = regression._new_job(cfg, method, tuple(range(seeds)))
     data = regression._dataset(cfg)
-    fast_ok = regression._fast_dcem_ok
-    paths = {"fused": fast_ok, "autograd": lambda *_: False} if method == "dcem" else {"": fast_ok}
+    switch = "_fast_dcem_ok" if method == "dcem" else "_fast_gd_ok"
+    fast_ok = getattr(regression, switch)
+    paths = {"fused": fast_ok, "autograd": lambda *_: False}
     times: dict[str, list[float]] = {p: [] for p in paths}
     faults: dict[str, list[float]] = {p: [] for p in paths}
     for _ in range(repeats + 1):  # the first round warms up
         for path, check in paths.items():
-            regression._fast_dcem_ok = check
+            setattr(regression, switch, check)
             seconds, per_update = _time_updates(job, data, cfg, updates)
             times[path].append(seconds)
             faults[path].append(per_update)
-    regression._fast_dcem_ok = fast_ok
+    setattr(regression, switch, fast_ok)
     evals = []
     for _ in range(max(1, repeats // 2) + 1):
         start = time.perf_counter()
@@ -88,12 +91,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for i, (method, seeds) in enumerate(JOBS):
         keep, default = runs["keep"][i], runs["default"][i]
-        path = "fused" if method == "dcem" else ""
+        path = "fused"
         name = f"{method}_S{seeds}"
-        if method == "dcem":
-            rows.append(_row(f"{name}_fused_vs_autograd", keep["seconds"]["fused"],
-                             keep["seconds"]["autograd"], "library dcem_step + autograd",
-                             updates=updates))  # fmt: skip
+        library = "dcem_step" if method == "dcem" else "unroll_gd"
+        rows.append(_row(f"{name}_fused_vs_autograd", keep["seconds"]["fused"],
+                         keep["seconds"]["autograd"], f"library {library} + autograd",
+                         updates=updates))  # fmt: skip
         rows.append(_row(f"{name}_keep_freed_memory", keep["seconds"][path],
                          default["seconds"][path], "glibc default malloc settings",
                          faults_per_update=keep["faults_per_update"][path],

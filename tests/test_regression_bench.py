@@ -23,7 +23,7 @@ def test_regression_benchmark_tiny_writes_json(tmp_path: Path) -> None:
     assert set(rows) == {
         "dcem_S1_fused_vs_autograd", "dcem_S1_keep_freed_memory", "dcem_S1_evaluation",
         "dcem_S2_fused_vs_autograd", "dcem_S2_keep_freed_memory", "dcem_S2_evaluation",
-        "gd_S3_keep_freed_memory", "gd_S3_evaluation",
+        "gd_S3_fused_vs_autograd", "gd_S3_keep_freed_memory", "gd_S3_evaluation",
     }  # fmt: skip
     for r in rows.values():
         assert r["seconds"] > 0
