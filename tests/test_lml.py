@@ -236,9 +236,10 @@ def test_properties(data: list[float], k_frac: float, tau: float, seed: int) -> 
     bumped = x.clone()
     bumped[i] += 0.5
     y2 = dcem.lml(bumped, k, tau)
-    assert y2[i] >= y[i] - 1e-12  # raising a score never lowers its weight
+    slack = 1e-11 * max(1, k)  # the root find's float64 tolerance on sum(y) = k
+    assert y2[i] >= y[i] - slack  # raising a score never lowers its weight
     others = torch.arange(n) != i
-    assert torch.all(y2[others] <= y[others] + 1e-12)
+    assert torch.all(y2[others] <= y[others] + slack)
 
 
 def test_benchmark_runs_tiny(tmp_path: Path) -> None:

