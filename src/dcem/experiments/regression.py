@@ -534,14 +534,9 @@ def _fast_dcem_ok(x: Tensor, cfg: RegressionConfig) -> bool:
 def _softplus_parts(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(softplus(a), softplus'(a), softplus''(a))`` as :func:`F.softplus` and autograd
     compute them (beta 1, threshold 20: the identity above 20, so 1 and 0 there)."""
-    with np.errstate(over="ignore"):
-        z = np.exp(a)
-    s = z / (1 + z)
-    h, q = np.log1p(z), s * (1 - s)
-    big = a > 20
-    if big.any():
-        h, s, q = np.where(big, a, h), np.where(big, 1, s).astype(a.dtype), np.where(big, 0, q)
-    return h, s, q
+    h, s = _softplus_np(a, sigmoid=True)
+    assert s is not None
+    return h, s, s * (1 - s)
 
 
 class _GDThroughNet(torch.autograd.Function):
