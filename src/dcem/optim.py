@@ -452,7 +452,10 @@ def dcem_step(
     weights ``lml(scores, n_elite, tau)``. Differentiable in everything.
     """
     reparam = lb is None and ub is None and eps.numel() >= _REPARAM_REFIT_MIN
-    x = _Sample.apply(mu, sigma, eps) if reparam else _sample(mu, sigma, eps, lb, ub)
+    if reparam and _fusable():
+        x = _Sample.apply(mu, sigma, eps)
+    else:
+        x = _sample(mu, sigma, eps, lb, ub)
     v = _costs(f, x)
     if not reparam and _fusable() and _all_finite(v):
         new_mu, new_sigma, weights = _SoftRefit.apply(v, x, n_elite, tau, normalize)
