@@ -214,8 +214,9 @@ def _stage1_numpy(flat: Tensor, k: float, n: int, iters: int) -> tuple[Tensor, T
 
 
 def _forward_numpy(x: np.ndarray, k: int, tau: float) -> np.ndarray:
-    """:func:`_forward` of a small float32/float64 array (at most ``_SMALL`` entries, k < n)
-    without leaving NumPy while stage 1 converges (the careful path runs in torch)."""
+    """:func:`_forward` of a float32/float64 array with k < n, without leaving NumPy while
+    stage 1 converges (the careful path runs in torch). No size check: meant for the small
+    problems of the NumPy refit, whose operations cost about a microsecond each."""
     n = x.shape[-1]
     flat = (x / x.dtype.type(tau) if tau != 1.0 else x).reshape(-1, n)
     dtype = torch.float32 if x.dtype == np.float32 else torch.float64

@@ -76,9 +76,10 @@ EXPERIMENT = "regression"
 METHODS = ("gd", "dcem")
 LABELS = {"gd": "Unrolled GD", "dcem": "DCEM"}
 COLORS = {"gd": "#348ABD", "dcem": "#A60628"}
-# Time per update of a job of S seeds ~ fixed + per_seed * S (measured on one CPU core, in
-# units of a one-seed GD update), to start the longest jobs first.
-JOB_COST = {"gd": (0.75, 0.25), "dcem": (1.9, 1.1)}
+# Milliseconds per update of a job of S seeds ~ fixed + per_seed * S, evaluations included,
+# to start the longest jobs first (one CPU core, session 5: GD 1.45 ms for one seed and 2.26
+# for three; DCEM 6.9 and 10.2 ms for one and two plus 1.4 ms of evaluation per seed).
+JOB_COST = {"gd": (1.05, 0.4), "dcem": (3.6, 4.7)}
 METRIC_FIELDS = ["update", "train_mse", "lr"]
 EVAL_ROWS = 2_000  # net evaluations (rows) per solve in evaluations (see `evaluate_batch`)
 CKPT_VERSION = 2  # 2: one checkpoint per batch of seeds
@@ -520,15 +521,19 @@ class _DCEMThroughNet(torch.autograd.Function):
         )  # fmt: skip
 
 
-def _fast_dcem_ok(x: Tensor, cfg: RegressionConfig) -> bool:
-    """Whether DCEM's solve for x (S, P, 1) may run in NumPy (:func:`_dcem_solve_np`, with
-    :class:`_DCEMThroughNet` for gradients)."""
+def _numpy_ok(x: Tensor) -> bool:
+    """Whether a solve for x (S, P, 1) may leave torch for NumPy: a float CPU tensor outside
+    torch.func transforms (which the written-out nodes do not support)."""
     return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and x.shape[0] * x.shape[1] * cfg.dcem_n_sample <= optim._SMALL_REFIT
+        x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
         and not torch._C._are_functorch_transforms_active()
     )  # fmt: skip
+
+
+def _fast_dcem_ok(x: Tensor, cfg: RegressionConfig) -> bool:
+    """Whether DCEM's solve for x (S, P, 1) may run in NumPy (:func:`_dcem_solve_np`, with
+    :class:`_DCEMThroughNet` for gradients): small problems (the NumPy refit's size)."""
+    return _numpy_ok(x) and x.shape[0] * x.shape[1] * cfg.dcem_n_sample <= optim._SMALL_REFIT
 
 
 def _softplus_parts(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -626,12 +631,9 @@ class _GDThroughNet(torch.autograd.Function):
 
 
 def _fast_gd_ok(x: Tensor) -> bool:
-    """Whether :class:`_GDThroughNet` may solve a training prediction for x (S, P, 1)."""
-    return (
-        torch.is_grad_enabled() and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and not torch._C._are_functorch_transforms_active()
-    )  # fmt: skip
+    """Whether :class:`_GDThroughNet` may solve a training prediction for x (S, P, 1)
+    (without gradients, :func:`dcem.unroll_gd` builds no graph and is cheap)."""
+    return torch.is_grad_enabled() and _numpy_ok(x)
 
 
 def predict_batch(
