@@ -110,11 +110,12 @@ def reference_lml(x: torch.Tensor, k: int, eps: float = 1e-4, branch: int = 10) 
 
 
 class ReferenceLML(torch.autograd.Function):
-    """The reference projection with its closed-form backward."""
+    """The reference projection with its closed-form backward; ``eps`` is the bracket width
+    at which the search stops (the reference LML's default 1e-4; its dcem passes 1e-3)."""
 
     @staticmethod
-    def forward(ctx, x, k):  # type: ignore[override]
-        y = reference_lml(x, k)
+    def forward(ctx, x, k, eps=1e-4):  # type: ignore[override]
+        y = reference_lml(x, k, eps)
         ctx.save_for_backward(y)
         return y
 
@@ -123,7 +124,7 @@ class ReferenceLML(torch.autograd.Function):
         (y,) = ctx.saved_tensors
         h = 1.0 / (1.0 / y + 1.0 / (1.0 - y))
         dnu = (h * grad).sum(-1, keepdim=True) / h.sum(-1, keepdim=True)
-        return h * (grad - dnu), None
+        return h * (grad - dnu), None, None
 
 
 def write_result(name: str, rows: list[dict], out: Path | None, **extra: object) -> dict:

@@ -215,6 +215,71 @@ def test_blocked_sample_node_equals_addcmul_and_finite_differences(
     assert torch.autograd.gradcheck(optim._Sample.apply, (mu, sigma, eps))
 
 
+def test_sample_node_numpy_backward_equals_addcmul(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a graph to build, ``_Sample``'s backward forms both sums in NumPy blocks
+    (a spy checks it runs); the gradients equal autograd through addcmul."""
+    import importlib
+
+    optim = importlib.import_module("dcem.optim")
+    monkeypatch.setattr(optim, "_BLOCK", 2 * 7 * 3)
+    calls = []
+    numpy_vjp = optim._sample_vjp_numpy
+    monkeypatch.setattr(optim, "_sample_vjp_numpy", lambda *a: calls.append(1) or numpy_vjp(*a))
+    torch.manual_seed(2)
+    mu = torch.randn(5, 3, dtype=F64, requires_grad=True)
+    sigma = (torch.rand(5, 3, dtype=F64) + 0.5).requires_grad_()
+    eps = torch.randn(5, 7, 3, dtype=F64)
+    probe = torch.randn(5, 7, 3, dtype=F64)
+    x1 = optim._Sample.apply(mu, sigma, eps)
+    x2 = torch.addcmul(mu.unsqueeze(1), sigma.unsqueeze(1), eps)
+    g1 = torch.autograd.grad((x1.square() * probe).sum(), [mu, sigma])
+    g2 = torch.autograd.grad((x2.square() * probe).sum(), [mu, sigma])
+    assert calls
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("numpy_blocks", [True, False], ids=["numpy", "torch"])
+def test_noise_refit_node_equals_composed_path(
+    normalize: bool, numpy_blocks: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The large-problem node ``_NoiseRefit`` (scores, lml and the refit from the noise in
+    one node with a hand-written backward, its block loops in NumPy or PyTorch) equals
+    autograd through ``_scores``, ``lml`` and ``_refit_reparam`` in float64: values, and
+    gradients w.r.t. the costs, mu and sigma; a gradcheck; blocks of 2 problems for 5."""
+    import importlib
+
+    optim = importlib.import_module("dcem.optim")
+    monkeypatch.setattr(optim, "_BLOCK", 2 * 7 * 3)
+    if not numpy_blocks:
+        monkeypatch.setattr(optim, "_numpy_blocks", lambda *tensors: False)
+    torch.manual_seed(3)
+    v = (3 * torch.randn(5, 7, dtype=F64)).requires_grad_()
+    mu = torch.randn(5, 3, dtype=F64, requires_grad=True)
+    sigma = (torch.rand(5, 3, dtype=F64) + 0.5).requires_grad_()
+    eps = torch.randn(5, 7, 3, dtype=F64)
+    k, tau = 3, 0.7
+
+    def fused(v: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> tuple:
+        return optim._NoiseRefit.apply(v, mu, sigma, eps, k, tau, normalize)[:2]
+
+    def composed(v: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> tuple:
+        w = dcem.lml(optim._scores(v, normalize), k, tau)
+        return optim._refit_reparam(mu, sigma, eps, w, k)
+
+    probe = torch.randn(5, 6, dtype=F64)
+    outs, grads = [], []
+    for fn in (fused, composed):
+        out = torch.cat(fn(v, mu, sigma), -1)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * probe).sum(), [v, mu, sigma]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(fused, (v, mu, sigma))
+
+
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("small", [True, False], ids=["numpy", "torch"])
 def test_fused_soft_refit_matches_autograd_composition(

@@ -176,6 +176,27 @@ def _std_mean(v: Tensor) -> tuple[Tensor, Tensor]:
     return var.clamp_min(torch.finfo(v.dtype).tiny).sqrt(), mean
 
 
+def _standardize(v: Tensor, normalize: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Finite costs (B, N) to scores ``z`` (what :func:`_scores` computes), with the clamped
+    std ``s`` and the mask ``live`` of problems whose std is not clamped (for the VJP)."""
+    if not normalize:
+        return -v, None, None
+    std, mean = _std_mean(v)
+    eps = torch.finfo(v.dtype).eps
+    s = std.clamp_min(eps)
+    return (mean - v) / s, s, std > eps
+
+
+def _standardize_vjp(g_z: Tensor, z: Tensor, s: Tensor | None, live: Tensor | None) -> Tensor:
+    """``g_v`` from ``g_z`` for :func:`_standardize`: for the unbiased std,
+    ``g_v = (-g_z + mean(g_z) + z sum(g_z z) / (N - 1)) / std`` (no spread term where
+    the std was clamped)."""
+    if s is None or live is None:
+        return -g_z
+    spread = (g_z * z).sum(-1, keepdim=True) / (z.shape[-1] - 1) * live
+    return (g_z.mean(-1, keepdim=True) - g_z + z * spread) / s
+
+
 def _scores(v: Tensor, normalize: bool) -> Tensor:
     """Scores to rank (higher is better): -v, standardized per problem when ``normalize``.
 
@@ -183,10 +204,7 @@ def _scores(v: Tensor, normalize: bool) -> Tensor:
     elite while enough finite costs exist). A problem with no finite cost raises.
     """
     if _all_finite(v):
-        if not normalize:
-            return -v
-        std, mean = _std_mean(v)
-        return (mean - v) / std.clamp_min(torch.finfo(v.dtype).eps)
+        return _standardize(v, normalize)[0]
     finite = torch.isfinite(v)
     empty = (~finite.any(-1)).nonzero().flatten()
     if empty.numel():
@@ -243,15 +261,7 @@ class _SoftRefit(torch.autograd.Function):
             ctx.mark_non_differentiable(w)
             return mu, sigma, w
         tiny = torch.finfo(v.dtype).tiny
-        s: Tensor | None = None
-        live: Tensor | None = None
-        if normalize:
-            std, mean = _std_mean(v)
-            live = std > torch.finfo(v.dtype).eps
-            s = std.clamp_min(torch.finfo(v.dtype).eps)
-            z = (mean - v) / s
-        else:
-            z = -v
+        z, s, live = _standardize(v, normalize)
         w = _lml_forward(z, k, tau, None)
         wk = (w / k).unsqueeze(1)
         mu = torch.bmm(wk, x).squeeze(1)
@@ -282,13 +292,7 @@ class _SoftRefit(torch.autograd.Function):
         g_x = wk.transpose(1, 2) * torch.addcmul(
             g_mu.unsqueeze(1), g_var.unsqueeze(1), dev, value=2
         )
-        g_z = _lml_vjp(w, g_w, ctx.tau)
-        if ctx.normalize:
-            n = z.shape[-1]
-            spread = (g_z * z).sum(-1, keepdim=True) / (n - 1) * live
-            g_v = (g_z.mean(-1, keepdim=True) - g_z + z * spread) / s
-        else:
-            g_v = -g_z
+        g_v = _standardize_vjp(_lml_vjp(w, g_w, ctx.tau), z, s, live)
         return g_v, g_x, None, None, None
 
 
@@ -380,19 +384,175 @@ class _Sample(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         sigma, eps = ctx.saved_tensors
         need_mu, need_sigma, need_eps = ctx.needs_input_grad
-        g_mu = g.sum(1) if need_mu else None
-        g_sigma = None
-        if need_sigma:
-            rows = max(1, _BLOCK // (g.shape[1] * g.shape[2]))
-            g_sigma = torch.cat([
-                torch.mul(g[i : i + rows], eps[i : i + rows]).sum(1)
-                for i in range(0, g.shape[0], rows)
-            ])  # fmt: skip
+        g_mu = g_sigma = None
+        if need_sigma and _numpy_blocks(g, eps) and not torch.is_grad_enabled():
+            g_mu, g_sigma = _sample_vjp_numpy(g, eps)
+            g_mu = g_mu if need_mu else None
+        elif need_sigma:  # each block of g is read from memory once for both sums
+            mus, sigmas = [], []
+            for g_i, eps_i in _blocks(g, eps):
+                mus.append(g_i.sum(1))
+                sigmas.append(torch.mul(g_i, eps_i).sum(1))
+            g_mu, g_sigma = torch.cat(mus), torch.cat(sigmas)
+            g_mu = g_mu if need_mu else None
+        elif need_mu:
+            g_mu = g.sum(1)
         g_eps = g * sigma.unsqueeze(1) if need_eps else None
         return g_mu, g_sigma, g_eps
 
 
-_BLOCK = 1 << 18  # entries (1 MiB of float32) per block of _Sample's backward
+_BLOCK = 1 << 18  # entries (1 MiB of float32) per block of the large-problem nodes
+
+
+def _numpy_blocks(*tensors: Tensor) -> bool:
+    """Whether the block loops may run in NumPy: CPU, one float32/float64 dtype, no graph."""
+    dtype = tensors[0].dtype
+    return dtype in (torch.float32, torch.float64) and all(
+        t.device.type == "cpu" and t.dtype == dtype and not t.requires_grad for t in tensors
+    )
+
+
+def _sample_vjp_numpy(g: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum_n g, sum_n g eps)`` (B, d) of (B, N, d) tensors, block by block in NumPy: the
+    sums over n are matrix products with a row of ones (NumPy's and PyTorch's reductions
+    over a middle dimension are slower)."""
+    gn, en = g.numpy(), eps.numpy()
+    batch, n, d = gn.shape
+    ones = np.ones((1, n), gn.dtype)
+    first = np.empty((batch, d), gn.dtype)
+    second = np.empty((batch, d), gn.dtype)
+    rows = max(1, _BLOCK // (n * d))
+    buf = np.empty((rows, n, d), gn.dtype)
+    for i in range(0, batch, rows):
+        g_i = gn[i : i + rows]
+        prod = np.multiply(g_i, en[i : i + rows], out=buf[: len(g_i)])
+        np.matmul(ones, g_i, out=first[i : i + rows, None])
+        np.matmul(ones, prod, out=second[i : i + rows, None])
+    return torch.from_numpy(first), torch.from_numpy(second)
+
+
+def _blocks(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
+    """The same cache-sized slices of problems (first dim) of (B, N, ...) tensors."""
+    rows = max(1, _BLOCK // max(1, *(t[0].numel() for t in tensors)))
+    return [tuple(t[i : i + rows] for t in tensors) for i in range(0, tensors[0].shape[0], rows)]
+
+
+def _noise_moments(w: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum_n w eps, sum_n w eps^2)``, both (B, d), for weights w (B, N) and noise eps
+    (B, N, d): a cache-sized block of problems at a time, so the noise is read from
+    memory once and ``eps^2`` is never written whole; in NumPy on the CPU (its matrix
+    products of these shapes are faster). No autograd graph."""
+    if _numpy_blocks(w, eps):
+        wn, en = w.numpy()[:, None, :], eps.numpy()
+        a = np.empty((eps.shape[0], 1, eps.shape[2]), en.dtype)
+        q = np.empty_like(a)
+        rows = max(1, _BLOCK // (eps.shape[1] * eps.shape[2]))
+        buf = np.empty((rows,) + en.shape[1:], en.dtype)
+        for i in range(0, en.shape[0], rows):
+            e = en[i : i + rows]
+            sq = np.square(e, out=buf[: len(e)])
+            np.matmul(wn[i : i + rows], e, out=a[i : i + rows])
+            np.matmul(wn[i : i + rows], sq, out=q[i : i + rows])
+        return torch.from_numpy(a[:, 0]), torch.from_numpy(q[:, 0])
+    firsts, seconds = [], []
+    for w_i, eps_i in _blocks(w.unsqueeze(1), eps):
+        firsts.append(torch.bmm(w_i, eps_i))
+        seconds.append(torch.bmm(w_i, eps_i.square()))
+    return torch.cat(firsts).squeeze(1), torch.cat(seconds).squeeze(1)
+
+
+def _noise_moments_vjp(eps: Tensor, g_a: Tensor, g_q: Tensor) -> Tensor:
+    """The gradient ``(B, N)`` w.r.t. w of :func:`_noise_moments`:
+    ``sum_d (eps g_a + eps^2 g_q)``, block by block like the forward."""
+    if _numpy_blocks(eps, g_a, g_q):
+        en = eps.numpy()
+        an, qn = g_a.numpy()[:, None, :], g_q.numpy()[:, None, :]
+        out = np.empty((eps.shape[0], 1, eps.shape[1]), en.dtype)
+        rows = max(1, _BLOCK // (eps.shape[1] * eps.shape[2]))
+        buf = np.empty((rows,) + en.shape[1:], en.dtype)
+        second = np.empty((rows, 1, eps.shape[1]), en.dtype)
+        for i in range(0, en.shape[0], rows):
+            e = en[i : i + rows]
+            sq = np.square(e, out=buf[: len(e)])
+            np.matmul(an[i : i + rows], e.transpose(0, 2, 1), out=out[i : i + rows])
+            out[i : i + rows] += np.matmul(
+                qn[i : i + rows], sq.transpose(0, 2, 1), out=second[: len(e)]
+            )
+        return torch.from_numpy(out[:, 0])
+    parts = []
+    for a_i, q_i, eps_i in _blocks(g_a.unsqueeze(1), g_q.unsqueeze(1), eps):
+        part = torch.bmm(a_i, eps_i.transpose(1, 2))
+        parts.append(torch.baddbmm(part, q_i, eps_i.square().transpose(1, 2)))
+    return torch.cat(parts).squeeze(1)
+
+
+class _NoiseRefit(torch.autograd.Function):
+    """Scores, soft elites and the refit from the noise (:func:`_refit_reparam`) of one
+    large-problem DCEM iteration as one graph node:
+    ``(v (B, N) finite costs, mu (B, d), sigma (B, d), eps (B, N, d) constant noise) ->
+    (mu' (B, d), sigma' (B, d), w (B, N))``.
+
+    The same arithmetic as ``_scores`` + ``lml`` + ``_refit_reparam``, with a hand-written
+    backward (the chain rule through ``_refit_reparam``'s formulas, :func:`dcem.lml`'s
+    implicit gradient and the standardization's): about twenty small autograd nodes per
+    iteration become one, and the noise is read once in each direction
+    (:func:`_noise_moments`). Once differentiable; under ``torch.func`` transforms the
+    composed path is used instead.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, v: Tensor, mu: Tensor, sigma: Tensor, eps: Tensor, k: int,
+                tau: float, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]  # fmt: skip
+        z, s, live = _standardize(v, normalize)
+        w = _lml_forward(z, k, tau, None)
+        a, squares = _noise_moments(w, eps)
+        total = w.sum(-1, keepdim=True)
+        e = a / total
+        spread = squares - total * e * e
+        new_mu = torch.addcmul(total * mu, sigma, a) / k
+        m = torch.addcmul(mu, sigma, e)
+        c = (1 - total / k) * m
+        var = (sigma * sigma * spread + total * c * c) / k
+        new_sigma = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+        ctx.k, ctx.tau = k, tau
+        ctx.save_for_backward(eps, w, z, s, live, mu, sigma, total, a, e, m, c, spread, var,
+                              new_sigma)  # fmt: skip
+        ctx.mark_non_differentiable(w)
+        return new_mu, new_sigma, w
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g_new_mu: Tensor, g_new_sigma: Tensor, _g_w: Tensor
+                 ) -> tuple[Tensor | None, ...]:  # type: ignore[override]  # fmt: skip
+        eps, w, z, s, live, mu, sigma, total, a, e, m, c, spread, var, new_sigma = ctx.saved_tensors
+        k = ctx.k
+        tiny = torch.finfo(var.dtype).tiny
+        # var = (sigma^2 spread + S c^2) / k, sigma' = sqrt(var) where var > tiny
+        g_var = torch.where(var > tiny, g_new_sigma / (2 * new_sigma), torch.zeros_like(var)) / k
+        # mu' = (S mu + sigma a) / k
+        g_mu = g_new_mu * (total / k)
+        g_sigma = g_new_mu * a / k + 2 * g_var * sigma * spread
+        g_a = g_new_mu * sigma / k
+        g_total = (g_new_mu * mu).sum(-1, keepdim=True) / k + (g_var * c * c).sum(-1, keepdim=True)
+        g_spread = g_var * sigma * sigma
+        # c = (1 - S / k) m, m = mu + sigma e
+        g_c = 2 * g_var * total * c
+        g_total = g_total - (g_c * m).sum(-1, keepdim=True) / k
+        g_m = g_c * (1 - total / k)
+        g_mu = g_mu + g_m
+        g_sigma = g_sigma + g_m * e
+        # spread = q - S e^2, e = a / S
+        g_e = g_m * sigma - 2 * total * e * g_spread
+        g_total = (
+            g_total
+            - (g_spread * e * e).sum(-1, keepdim=True)
+            - (g_e * e).sum(-1, keepdim=True) / total
+        )
+        g_a = g_a + g_e / total
+        # S = sum w, (a, q) = sum w (eps, eps^2)
+        g_w = _noise_moments_vjp(eps, g_a, g_spread) + g_total
+        g_v = _standardize_vjp(_lml_vjp(w, g_w, ctx.tau), z, s, live)
+        return g_v, g_mu, g_sigma, None, None, None, None
 
 
 def _refit(x: Tensor, weights: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -420,9 +580,9 @@ def _refit_reparam(
     """
     w = weights.unsqueeze(1)
     total = weights.sum(-1, keepdim=True)
-    a = torch.bmm(w, eps).squeeze(1)
+    a, squares = torch.bmm(w, eps).squeeze(1), torch.bmm(w, eps.square()).squeeze(1)
     e = a / total
-    spread = torch.bmm(w, eps.square()).squeeze(1) - total * e * e
+    spread = squares - total * e * e
     new_mu = torch.addcmul(total * mu, sigma, a) / k
     c = (1 - total / k) * torch.addcmul(mu, sigma, e)
     var = (sigma * sigma * spread + total * c * c) / k
@@ -457,9 +617,15 @@ def dcem_step(
     else:
         x = _sample(mu, sigma, eps, lb, ub)
     v = _costs(f, x)
-    if not reparam and _fusable() and _all_finite(v):
-        new_mu, new_sigma, weights = _SoftRefit.apply(v, x, n_elite, tau, normalize)
-        return new_mu, new_sigma, x, v, weights
+    if _fusable() and _all_finite(v):
+        if not reparam:
+            new_mu, new_sigma, weights = _SoftRefit.apply(v, x, n_elite, tau, normalize)
+            return new_mu, new_sigma, x, v, weights
+        if not eps.requires_grad:
+            new_mu, new_sigma, weights = _NoiseRefit.apply(
+                v, mu, sigma, eps, n_elite, tau, normalize
+            )
+            return new_mu, new_sigma, x, v, weights
     weights = lml(_scores(v, normalize), n_elite, tau)
     if reparam:
         new_mu, new_sigma = _refit_reparam(mu, sigma, eps, weights, n_elite)
