@@ -555,6 +555,14 @@ class _NoiseRefit(torch.autograd.Function):
         return g_v, g_mu, g_sigma, None, None, None, None
 
 
+# Function.apply adds a Python layer (torch.func checks) to every call, a large share of a
+# small problem's iteration; these nodes run only in eager autograd (see _fusable), so
+# DCEM calls the C implementation that Function.apply ends in (as dcem.lml does).
+_apply_sample = super(torch.autograd.Function, _Sample).apply
+_apply_soft_refit = super(torch.autograd.Function, _SoftRefit).apply
+_apply_noise_refit = super(torch.autograd.Function, _NoiseRefit).apply
+
+
 def _refit(x: Tensor, weights: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Weighted Gaussian maximum likelihood: x (B, N, d), weights (B, N) summing to k."""
     w = weights.unsqueeze(1)
@@ -613,16 +621,16 @@ def dcem_step(
     """
     reparam = lb is None and ub is None and eps.numel() >= _REPARAM_REFIT_MIN
     if reparam and _fusable():
-        x = _Sample.apply(mu, sigma, eps)
+        x = _apply_sample(mu, sigma, eps)
     else:
         x = _sample(mu, sigma, eps, lb, ub)
     v = _costs(f, x)
     if _fusable() and _all_finite(v):
         if not reparam:
-            new_mu, new_sigma, weights = _SoftRefit.apply(v, x, n_elite, tau, normalize)
+            new_mu, new_sigma, weights = _apply_soft_refit(v, x, n_elite, tau, normalize)
             return new_mu, new_sigma, x, v, weights
         if not eps.requires_grad:
-            new_mu, new_sigma, weights = _NoiseRefit.apply(
+            new_mu, new_sigma, weights = _apply_noise_refit(
                 v, mu, sigma, eps, n_elite, tau, normalize
             )
             return new_mu, new_sigma, x, v, weights
@@ -675,7 +683,7 @@ def _dcem_step_pruned(
     borrowed = v_graph.gather(1, nearest)
     v = (v_all + (borrowed - borrowed.detach())).scatter(1, graph_idx, v_graph[:, :-1])
     if _fusable() and _all_finite(v):
-        mu, sigma, weights = _SoftRefit.apply(v, x, n_elite, tau, normalize)
+        mu, sigma, weights = _apply_soft_refit(v, x, n_elite, tau, normalize)
     else:
         weights = lml(_scores(v, normalize), n_elite, tau)
         mu, sigma = _refit(x, weights, n_elite)
