@@ -31,20 +31,29 @@ SIZES = [(1, 2), (64, 32), (1024, 32)]
 TINY_SIZES = [(1, 2), (8, 4)]
 
 
-def quadratic(p: torch.Tensor):
-    """The cost ``0.5 x'x + p'x``, written as ``0.5 (|x + p|^2 - |p|^2)`` with ``mse_loss``
-    (``reduction="none"``): one fused kernel forward and one per input backward. Other ways
-    to write it cost more, in this order (f's forward+backward on T sample sets, one core):
-    ``(x + p).square().sum(-1)``, ``vector_norm(x + p)``'s square (its backward divides
-    and masks), ``(x * (0.5 x + p)).sum(-1)``. The JSON's ``f_*_over_floor`` give the cost's
-    own share of the times."""
+def cost_forms(p: torch.Tensor) -> dict:
+    """The cost ``0.5 x'x + p'x`` written four ways, (B, N, d) -> (B, N); the benchmark
+    uses ``mse_loss``. Each writes ``0.5 |x + p|^2 - 0.5 |p|^2`` or the sum directly."""
+    half_pp = lambda: 0.5 * p.square().sum(-1, keepdim=True)  # noqa: E731
+    shift = p.unsqueeze(1)
 
-    def f(x: torch.Tensor) -> torch.Tensor:
+    def mse_loss(x: torch.Tensor) -> torch.Tensor:  # one fused kernel each way per input
         target = p.neg().unsqueeze(1).expand_as(x)
-        squares = torch.nn.functional.mse_loss(x, target, reduction="none").sum(-1)
-        return 0.5 * (squares - p.square().sum(-1, keepdim=True))
+        return 0.5 * torch.nn.functional.mse_loss(x, target, reduction="none").sum(-1) - half_pp()
 
-    return f
+    return {
+        "mse_loss": mse_loss,
+        "square_sum": lambda x: 0.5 * (x + shift).square().sum(-1) - half_pp(),
+        "norm": lambda x: 0.5 * torch.linalg.vector_norm(x + shift, dim=-1).square() - half_pp(),
+        "three_pass": lambda x: (x * (0.5 * x + shift)).sum(-1),
+    }
+
+
+def quadratic(p: torch.Tensor):
+    """The benchmark's cost ``0.5 x'x + p'x``, written with ``mse_loss``: the cheapest of
+    :func:`cost_forms` forward and backward (the JSON's ``cost_forms_fwd_bwd_over_floor``
+    times each form alone; ``f_*_over_floor`` give the cost's share of the times)."""
+    return cost_forms(p)["mse_loss"]
 
 
 def baseline(f, mu: torch.Tensor, sigma: torch.Tensor, soft: bool) -> torch.Tensor:
@@ -98,14 +107,18 @@ def bench_quadratic(batch: int, d: int, repeats: int) -> dict:
             for x in samples:
                 f(x)
 
-    def f_fwd_bwd() -> None:  # and with its backward, as DCEM needs it (no .grad to add to)
-        for x in samples:
-            torch.autograd.grad(f(x.requires_grad_()).sum(), (x, p))
+    def cost_alone(f) -> float:
+        def run() -> None:
+            for x in samples:
+                torch.autograd.grad(f(x.requires_grad_()).sum(), (x, p))
+
+        return median_time(run, repeats) / floor
 
     floor = median_time(noise, repeats)
+    forms = {name: cost_alone(form) for name, form in cost_forms(p).items()}
     times = {
         "f_fwd_s": median_time(f_fwd, repeats),
-        "f_fwd_bwd_s": median_time(f_fwd_bwd, repeats),
+        "f_fwd_bwd_s": forms["mse_loss"] * floor,
         "dcem_fwd_bwd_s": median_time(dcem_fb, repeats),
         "cem_fwd_s": median_time(cem_f, repeats),
         "baseline_dcem_fwd_bwd_s": median_time(base_dcem, max(3, repeats // 2)),
@@ -123,6 +136,7 @@ def bench_quadratic(batch: int, d: int, repeats: int) -> dict:
         "cem_over_floor": times["cem_fwd_s"] / floor,
         "f_fwd_over_floor": times["f_fwd_s"] / floor,
         "f_fwd_bwd_over_floor": times["f_fwd_bwd_s"] / floor,
+        "cost_forms_fwd_bwd_over_floor": forms,
         "dcem_speedup_vs_baseline": times["baseline_dcem_fwd_bwd_s"] / times["dcem_fwd_bwd_s"],
         "cem_speedup_vs_baseline": times["baseline_cem_fwd_s"] / times["cem_fwd_s"],
     }

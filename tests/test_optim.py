@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -535,10 +536,34 @@ def test_benchmark_runs_tiny(tmp_path, options: tuple[str, ...]) -> None:
         assert row["noise_floor_s"] > 0 and row["dcem_fwd_bwd_s"] > 0 and row["cem_fwd_s"] > 0
         assert 0 < row["f_fwd_s"] < row["f_fwd_bwd_s"]  # the cost alone, for the split
         assert row["f_fwd_over_floor"] == pytest.approx(row["f_fwd_s"] / row["noise_floor_s"])
+        forms = row["cost_forms_fwd_bwd_over_floor"]
+        assert set(forms) == {"mse_loss", "square_sum", "norm", "three_pass"}
+        assert forms["mse_loss"] == pytest.approx(row["f_fwd_bwd_over_floor"])
     modes = result["mlp"]["backward_modes"]
     assert modes["checkpoint"]["grad_rel_error"] == 0.0
     assert modes["checkpoint"]["peak_bytes"] < modes["full"]["peak_bytes"]
     assert modes["pruned"]["peak_bytes"] < modes["full"]["peak_bytes"]
+
+
+def test_benchmark_cost_forms_are_the_same_quadratic() -> None:
+    """The optimizer benchmark times its quadratic written four ways: each is
+    ``0.5 x'x + p'x`` with gradient ``x + p`` (float64)."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        forms = importlib.import_module("optim").cost_forms
+    finally:
+        sys.path.pop(0)
+    p = torch.randn(3, 4, generator=gen(6), dtype=F64)
+    x = torch.randn(3, 5, 4, generator=gen(7), dtype=F64, requires_grad=True)
+    expected = 0.5 * (x * x).sum(-1) + (x * p.unsqueeze(1)).sum(-1)
+    for name, f in forms(p).items():
+        value = f(x)
+        torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12, msg=name)
+        (grad,) = torch.autograd.grad(value.sum(), x)
+        torch.testing.assert_close(grad, x + p.unsqueeze(1), rtol=1e-12, atol=1e-12, msg=name)
 
 
 def test_trace_records_per_iteration_summaries() -> None:
