@@ -421,7 +421,7 @@ def _sample_vjp_numpy(g: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
     ones = np.ones((1, n), gn.dtype)
     first = np.empty((batch, d), gn.dtype)
     second = np.empty((batch, d), gn.dtype)
-    rows = max(1, _BLOCK // (n * d))
+    rows = min(batch, max(1, _BLOCK // (n * d)))
     buf = np.empty((rows, n, d), gn.dtype)
     for i in range(0, batch, rows):
         g_i = gn[i : i + rows]
@@ -446,7 +446,7 @@ def _noise_moments(w: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
         wn, en = w.numpy()[:, None, :], eps.numpy()
         a = np.empty((eps.shape[0], 1, eps.shape[2]), en.dtype)
         q = np.empty_like(a)
-        rows = max(1, _BLOCK // (eps.shape[1] * eps.shape[2]))
+        rows = min(eps.shape[0], max(1, _BLOCK // (eps.shape[1] * eps.shape[2])))
         buf = np.empty((rows,) + en.shape[1:], en.dtype)
         for i in range(0, en.shape[0], rows):
             e = en[i : i + rows]
@@ -468,7 +468,7 @@ def _noise_moments_vjp(eps: Tensor, g_a: Tensor, g_q: Tensor) -> Tensor:
         en = eps.numpy()
         an, qn = g_a.numpy()[:, None, :], g_q.numpy()[:, None, :]
         out = np.empty((eps.shape[0], 1, eps.shape[1]), en.dtype)
-        rows = max(1, _BLOCK // (eps.shape[1] * eps.shape[2]))
+        rows = min(eps.shape[0], max(1, _BLOCK // (eps.shape[1] * eps.shape[2])))
         buf = np.empty((rows,) + en.shape[1:], en.dtype)
         second = np.empty((rows, 1, eps.shape[1]), en.dtype)
         for i in range(0, en.shape[0], rows):
