@@ -280,3 +280,26 @@ def test_numpy_and_torch_stage1_agree(dtype: torch.dtype, monkeypatch: pytest.Mo
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert torch.allclose(outs[0], outs[1], atol=tol, rtol=0)
     assert torch.allclose(outs[0].sum(-1), torch.full((6,), 7.0, dtype=dtype), atol=7 * tol * 10)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_row_stage1_is_bit_identical_to_the_batched_form(dtype: type) -> None:
+    """A single row takes the scalar form of the NumPy stage 1 (``_stage1_row``): the same
+    weights and residual bit for bit as the row within a batch, over random sizes, scales
+    and huge outliers (so a problem's result does not depend on being solved alone)."""
+    import importlib
+
+    lml_module = importlib.import_module("dcem.lml")
+    rng = np.random.default_rng(11)
+    iters = 4 if dtype == np.float32 else 5
+    for trial in range(300):
+        n = int(rng.integers(2, 300))
+        k = int(rng.integers(1, n))
+        z = (rng.standard_normal((1, n)) * rng.choice([1e-3, 1.0, 100.0, 1e4])).astype(dtype)
+        if trial % 10 == 0:
+            z[0, rng.integers(0, n)] = rng.choice([1e30, -1e30])
+        y_row, g_row = lml_module._stage1_row(z, k, n, iters)
+        y_batch, g_batch = lml_module._stage1_arrays(np.concatenate([z, -z]), k, n, iters)
+        assert y_row.dtype == y_batch.dtype == dtype and g_row.dtype == g_batch.dtype
+        assert np.array_equal(y_row[0], y_batch[0], equal_nan=True), (n, k)
+        assert np.array_equal(g_row, g_batch[:1], equal_nan=True), (n, k)
