@@ -216,6 +216,20 @@ def test_blocked_sample_node_equals_addcmul_and_finite_differences(
     assert torch.autograd.gradcheck(optim._Sample.apply, (mu, sigma, eps))
 
 
+def test_blocks_cut_problems_on_the_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The large-problem nodes loop over cache-sized slices of problems on the CPU and take
+    the whole tensors in one slice elsewhere (meta tensors stand in for a GPU here)."""
+    import importlib
+
+    optim = importlib.import_module("dcem.optim")
+    monkeypatch.setattr(optim, "_BLOCK", 2 * 7 * 3)
+    for device, count in (("cpu", 3), ("meta", 1)):
+        x, w = torch.empty(5, 7, 3, device=device), torch.empty(5, 1, 7, device=device)
+        slices = optim._blocks(w, x)
+        assert len(slices) == count
+        assert sum(s[1].shape[0] for s in slices) == 5 and all(len(s) == 2 for s in slices)
+
+
 def test_sample_node_numpy_backward_equals_addcmul(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a graph to build, ``_Sample``'s backward forms both sums in NumPy blocks
     (a spy checks it runs); the gradients equal autograd through addcmul."""

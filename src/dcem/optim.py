@@ -414,8 +414,8 @@ def _numpy_blocks(*tensors: Tensor) -> bool:
 
 def _sample_vjp_numpy(g: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
     """``(sum_n g, sum_n g eps)`` (B, d) of (B, N, d) tensors, block by block in NumPy: the
-    sums over n are matrix products with a row of ones (NumPy's and PyTorch's reductions
-    over a middle dimension are slower)."""
+    sums over n are matrix products with a row of ones (NumPy's reduction over a middle
+    axis took several times as long)."""
     gn, en = g.numpy(), eps.numpy()
     batch, n, d = gn.shape
     ones = np.ones((1, n), gn.dtype)
@@ -432,8 +432,11 @@ def _sample_vjp_numpy(g: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _blocks(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
-    """The same cache-sized slices of problems (first dim) of (B, N, ...) tensors."""
+    """The same cache-sized slices of problems (first dim) of (B, N, ...) tensors; one
+    slice, the whole tensors, off the CPU (a GPU pays a kernel launch per operation)."""
     rows = max(1, _BLOCK // max(1, *(t[0].numel() for t in tensors)))
+    if tensors[0].device.type != "cpu":
+        rows = tensors[0].shape[0]
     return [tuple(t[i : i + rows] for t in tensors) for i in range(0, tensors[0].shape[0], rows)]
 
 
