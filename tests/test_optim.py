@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -230,13 +231,29 @@ def test_blocks_cut_problems_on_the_cpu_only(monkeypatch: pytest.MonkeyPatch) ->
         assert sum(s[1].shape[0] for s in slices) == 5 and all(len(s) == 2 for s in slices)
 
 
-def test_sample_node_numpy_backward_equals_addcmul(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without a graph to build, ``_Sample``'s backward forms both sums in NumPy blocks
-    (a spy checks it runs); the gradients equal autograd through addcmul."""
+def _select_loops(optim: Any, loops: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the large-problem nodes run their passes in C (skipped without a compiler),
+    NumPy blocks or PyTorch blocks."""
+    native = optim._native
+    if loops == "native" and native.library() is None:
+        pytest.skip("no C compiler: dcem runs NumPy blocks")
+    if loops != "native":
+        monkeypatch.setattr(native, "library", lambda: None)
+    if loops == "torch":
+        monkeypatch.setattr(optim, "_numpy_blocks", lambda *tensors: False)
+
+
+@pytest.mark.parametrize("loops", ["native", "numpy"])
+def test_sample_node_numpy_backward_equals_addcmul(
+    loops: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a graph to build, ``_Sample``'s backward forms both sums in C or NumPy
+    blocks (a spy checks that path runs); the gradients equal autograd through addcmul."""
     import importlib
 
     optim = importlib.import_module("dcem.optim")
     monkeypatch.setattr(optim, "_BLOCK", 2 * 7 * 3)
+    _select_loops(optim, loops, monkeypatch)
     calls = []
     numpy_vjp = optim._sample_vjp_numpy
     monkeypatch.setattr(optim, "_sample_vjp_numpy", lambda *a: calls.append(1) or numpy_vjp(*a))
@@ -255,20 +272,20 @@ def test_sample_node_numpy_backward_equals_addcmul(monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("numpy_blocks", [True, False], ids=["numpy", "torch"])
+@pytest.mark.parametrize("loops", ["native", "numpy", "torch"])
 def test_noise_refit_node_equals_composed_path(
-    normalize: bool, numpy_blocks: bool, monkeypatch: pytest.MonkeyPatch
+    normalize: bool, loops: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The large-problem node ``_NoiseRefit`` (scores, lml and the refit from the noise in
-    one node with a hand-written backward, its block loops in NumPy or PyTorch) equals
-    autograd through ``_scores``, ``lml`` and ``_refit_reparam`` in float64: values, and
-    gradients w.r.t. the costs, mu and sigma; a gradcheck; blocks of 2 problems for 5."""
+    one node with a hand-written backward, its passes over the noise in C, NumPy blocks or
+    PyTorch blocks) equals autograd through ``_scores``, ``lml`` and ``_refit_reparam`` in
+    float64: values, and gradients w.r.t. the costs, mu and sigma; a gradcheck; blocks of 2
+    problems for 5."""
     import importlib
 
     optim = importlib.import_module("dcem.optim")
     monkeypatch.setattr(optim, "_BLOCK", 2 * 7 * 3)
-    if not numpy_blocks:
-        monkeypatch.setattr(optim, "_numpy_blocks", lambda *tensors: False)
+    _select_loops(optim, loops, monkeypatch)
     torch.manual_seed(3)
     v = (3 * torch.randn(5, 7, dtype=F64)).requires_grad_()
     mu = torch.randn(5, 3, dtype=F64, requires_grad=True)

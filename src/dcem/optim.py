@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from dcem import _native
 from dcem.lml import _forward as _lml_forward
 from dcem.lml import _forward_numpy as _lml_forward_numpy
 from dcem.lml import _vjp as _lml_vjp
@@ -417,6 +418,9 @@ def _sample_vjp_numpy(g: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
     sums over n are matrix products with a row of ones (NumPy's reduction over a middle
     axis took several times as long)."""
     gn, en = g.numpy(), eps.numpy()
+    if _native.library() is not None:
+        first, second = _native.sample_vjp(gn, en)
+        return torch.from_numpy(first), torch.from_numpy(second)
     batch, n, d = gn.shape
     ones = np.ones((1, n), gn.dtype)
     first = np.empty((batch, d), gn.dtype)
@@ -446,6 +450,9 @@ def _noise_moments(w: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
     memory once and ``eps^2`` is never written whole; in NumPy on the CPU (its matrix
     products of these shapes are faster). No autograd graph."""
     if _numpy_blocks(w, eps):
+        if _native.library() is not None:
+            a, q = _native.noise_moments(w.numpy(), eps.numpy())
+            return torch.from_numpy(a), torch.from_numpy(q)
         wn, en = w.numpy()[:, None, :], eps.numpy()
         a = np.empty((eps.shape[0], 1, eps.shape[2]), en.dtype)
         q = np.empty_like(a)
@@ -468,6 +475,9 @@ def _noise_moments_vjp(eps: Tensor, g_a: Tensor, g_q: Tensor) -> Tensor:
     """The gradient ``(B, N)`` w.r.t. w of :func:`_noise_moments`:
     ``sum_d (eps g_a + eps^2 g_q)``, block by block like the forward."""
     if _numpy_blocks(eps, g_a, g_q):
+        if _native.library() is not None:
+            g_w = _native.noise_moments_vjp(eps.numpy(), g_a.numpy(), g_q.numpy())
+            return torch.from_numpy(g_w)
         en = eps.numpy()
         an, qn = g_a.numpy()[:, None, :], g_q.numpy()[:, None, :]
         out = np.empty((eps.shape[0], 1, eps.shape[1]), en.dtype)
