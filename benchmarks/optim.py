@@ -25,6 +25,7 @@ from torch.distributions import Normal
 
 import dcem
 from common import ReferenceLML, median_time, parse_args, peak_memory_bytes, write_result
+from dcem import _native
 
 N, K, T = 100, 10, 10
 SIZES = [(1, 2), (64, 32), (1024, 32)]
@@ -239,9 +240,11 @@ def main(argv: list[str] | None = None) -> dict:
     for name, m in mlp["backward_modes"].items():
         peak = f"peak {m['peak_bytes'] / 2**20:8.1f} MiB ({m['peak_vs_full']:.2f} of full)"
         print(f"  {name:10s} {peak}, grad error {m['grad_rel_error']:.2e}", file=sys.stderr)
+    native = _native.library() is not None  # the C loops, or NumPy blocks (DCEM_NATIVE=0)
+    print(f"C loops over the noise: {'yes' if native else 'no (NumPy blocks)'}", file=sys.stderr)
     return write_result(
         "optim", rows, args.out, mlp=mlp, device="cpu", dtype="float32",
-        keep_freed_memory=args.keep_freed_memory,
+        keep_freed_memory=args.keep_freed_memory, native_loops=native,
     )  # fmt: skip
 
 

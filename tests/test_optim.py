@@ -563,6 +563,7 @@ def test_unroll_gd_matches_closed_form_and_fd() -> None:
 def test_benchmark_runs_tiny(tmp_path, options: tuple[str, ...]) -> None:
     result = run_benchmark("optim", tmp_path, *options)
     assert result["keep_freed_memory"] is bool(options)
+    assert result["native_loops"] is (dcem.optim._native.library() is not None)
     for row in result["results"]:
         assert row["noise_floor_s"] > 0 and row["dcem_fwd_bwd_s"] > 0 and row["cem_fwd_s"] > 0
         assert 0 < row["f_fwd_s"] < row["f_fwd_bwd_s"]  # the cost alone, for the split
