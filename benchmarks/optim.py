@@ -56,9 +56,10 @@ def cost_forms(p: torch.Tensor) -> dict:
 
 
 def quadratic(p: torch.Tensor):
-    """The benchmark's cost ``0.5 x'x + p'x``, written with ``mse_loss``: the cheapest of
-    :func:`cost_forms` forward and backward (the JSON's ``cost_forms_fwd_bwd_over_floor``
-    times each form alone; ``f_*_over_floor`` give the cost's share of the times)."""
+    """The benchmark's cost ``0.5 x'x + p'x``, written with ``mse_loss``: usually the
+    cheapest of :func:`cost_forms` forward and backward (the JSON's
+    ``cost_forms_fwd_bwd_over_floor`` times each form alone; ``f_*_over_floor`` give the
+    cost's share of the times)."""
     return cost_forms(p)["mse_loss"]
 
 
