@@ -100,13 +100,18 @@ def _call(name: str, arrays: list[np.ndarray], outs: list[np.ndarray], shape: tu
     fn(*(a.ctypes.data for a in arrays + outs), *shape)
 
 
+def _two_sums(name: str, x: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two (B, d) sums over n that the C loop ``name`` forms from x and eps (B, N, d)."""
+    x, eps = np.ascontiguousarray(x), np.ascontiguousarray(eps)
+    first = np.empty((eps.shape[0], eps.shape[2]), eps.dtype)
+    second = np.empty_like(first)
+    _call(name, [x, eps], [first, second], eps.shape)
+    return first, second
+
+
 def noise_moments(w: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(sum_n w eps, sum_n w eps^2)`` (B, d) for w (B, N) and eps (B, N, d)."""
-    w, eps = np.ascontiguousarray(w), np.ascontiguousarray(eps)
-    a = np.empty((eps.shape[0], eps.shape[2]), eps.dtype)
-    q = np.empty_like(a)
-    _call("noise_moments", [w, eps], [a, q], eps.shape)
-    return a, q
+    return _two_sums("noise_moments", w, eps)
 
 
 def noise_moments_vjp(eps: np.ndarray, g_a: np.ndarray, g_q: np.ndarray) -> np.ndarray:
@@ -119,8 +124,4 @@ def noise_moments_vjp(eps: np.ndarray, g_a: np.ndarray, g_q: np.ndarray) -> np.n
 
 def sample_vjp(g: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(sum_n g, sum_n g eps)`` (B, d) for g and eps (B, N, d)."""
-    g, eps = np.ascontiguousarray(g), np.ascontiguousarray(eps)
-    g_mu = np.empty((g.shape[0], g.shape[2]), g.dtype)
-    g_sigma = np.empty_like(g_mu)
-    _call("sample_vjp", [g, eps], [g_mu, g_sigma], g.shape)
-    return g_mu, g_sigma
+    return _two_sums("sample_vjp", g, eps)

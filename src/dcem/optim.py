@@ -845,6 +845,10 @@ def dcem(
         Gradients reach the parameters of ``f``, ``init_mu`` and ``init_sigma``
         (first derivatives by backpropagation through every iteration, with the soft
         top-k's implicit gradient; second derivatives only under ``torch.func``).
+
+    On the CPU, problems with ``B * N * d >= 65,536`` and no bounds make their passes over
+    the noise in C loops compiled on first use (:mod:`dcem._native`; NumPy blocks without
+    a C compiler or with ``DCEM_NATIVE=0``).
     """
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < math.inf:
         raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
