@@ -217,6 +217,21 @@ def test_blocked_sample_node_equals_addcmul_and_finite_differences(
     assert torch.autograd.gradcheck(optim._Sample.apply, (mu, sigma, eps))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 10, 99])
+def test_lowest_costs_are_topks_set(dtype: torch.dtype, k: int) -> None:
+    """CEM's elite indices (``argpartition`` on CPU float32/64, ``topk`` otherwise) are the
+    same set per row as ``topk(largest=False)``'s."""
+    import importlib
+
+    optim = importlib.import_module("dcem.optim")
+    v = torch.randn(64, 100, generator=gen(8)).to(dtype)
+    got = optim._lowest(v, k)
+    want = v.topk(k, dim=-1, largest=False).indices
+    assert got.dtype == torch.int64 and got.shape == (64, k)
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
 def test_blocks_cut_problems_on_the_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """The large-problem nodes loop over cache-sized slices of problems on the CPU and take
     the whole tensors in one slice elsewhere (meta tensors stand in for a GPU here)."""
