@@ -16,6 +16,7 @@ Usage: python benchmarks/optim.py [--out PATH] [--tiny]
 
 from __future__ import annotations
 
+import importlib
 import math
 import statistics
 import sys
@@ -223,11 +224,53 @@ def bench_mlp(batch: int, hidden: int, repeats: int) -> dict:
     }
 
 
+def bench_parts(batch: int, d: int, repeats: int) -> dict:
+    """The library's own hot pieces against the plain way, side by side at (B, N, d):
+    CEM's elite selection, the standardization's std, a single row's soft top-k solve,
+    and the three passes over the noise in C loops vs NumPy blocks (times in seconds;
+    C entries only where the loops could be built). Each call repeats 20 times."""
+    optim, lml = importlib.import_module("dcem.optim"), importlib.import_module("dcem.lml")
+    gen = torch.Generator().manual_seed(2)
+    v = torch.randn(batch, N, generator=gen)
+    eps = torch.randn(batch, N, d, generator=gen)
+    g = torch.randn(batch, N, d, generator=gen)
+    w, g_a, g_q = torch.rand(batch, N), torch.randn(batch, d), torch.randn(batch, d)
+    row = v[:1].numpy()
+
+    def timed(fn) -> float:
+        return median_time(lambda: [fn() for _ in range(20)], repeats) / 20
+
+    parts = {
+        "elites_topk_s": timed(lambda: v.topk(K, dim=-1, largest=False, sorted=False)),
+        "elites_lowest_s": timed(lambda: optim._lowest(v, K)),
+        "std_torch_std_mean_s": timed(lambda: torch.std_mean(v, dim=-1, keepdim=True)),
+        "std_two_pass_s": timed(lambda: optim._std_mean(v)),
+        "lml_row_batched_form_s": timed(lambda: lml._stage1_batched(row, K, N, 4)),
+        "lml_row_scalar_form_s": timed(lambda: lml._stage1_row(row, K, N, 4)),
+    }
+    passes = {
+        "moments": lambda: optim._noise_moments(w, eps),
+        "moments_vjp": lambda: optim._noise_moments_vjp(eps, g_a, g_q),
+        "sample_vjp": lambda: optim._sample_vjp_numpy(g, eps),
+    }
+    library = _native.library
+    for name, fn in passes.items():
+        if library() is not None:
+            parts[f"{name}_c_s"] = timed(fn)
+        _native.library = lambda: None  # the NumPy blocks
+        try:
+            parts[f"{name}_numpy_s"] = timed(fn)
+        finally:
+            _native.library = library
+    return {"B": batch, "N": N, "d": d, **parts}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(__doc__.splitlines()[0], argv, repeats=10, tiny_repeats=3)
     repeats = args.repeats
     rows = [bench_quadratic(b, d, repeats) for b, d in (TINY_SIZES if args.tiny else SIZES)]
     mlp = bench_mlp(8, 16, repeats) if args.tiny else bench_mlp(100, 128, repeats)
+    parts = bench_parts(*(TINY_SIZES[-1] if args.tiny else SIZES[-1]), repeats)
     for r in rows:
         print(
             f"(B={r['B']:4d}, d={r['d']:2d}) dcem {r['dcem_fwd_bwd_s'] * 1e3:8.2f} ms"
@@ -245,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"C loops over the noise: {'yes' if native else 'no (NumPy blocks)'}", file=sys.stderr)
     return write_result(
         "optim", rows, args.out, mlp=mlp, device="cpu", dtype="float32",
-        keep_freed_memory=args.keep_freed_memory, native_loops=native,
+        keep_freed_memory=args.keep_freed_memory, native_loops=native, parts=parts,
     )  # fmt: skip
 
 

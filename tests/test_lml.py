@@ -299,7 +299,8 @@ def test_one_row_stage1_is_bit_identical_to_the_batched_form(dtype: type) -> Non
         if trial % 10 == 0:
             z[0, rng.integers(0, n)] = rng.choice([1e30, -1e30])
         y_row, g_row = lml_module._stage1_row(z, k, n, iters)
-        y_batch, g_batch = lml_module._stage1_arrays(np.concatenate([z, -z]), k, n, iters)
-        assert y_row.dtype == y_batch.dtype == dtype and g_row.dtype == g_batch.dtype
-        assert np.array_equal(y_row[0], y_batch[0], equal_nan=True), (n, k)
-        assert np.array_equal(g_row, g_batch[:1], equal_nan=True), (n, k)
+        for batch in (z, np.concatenate([z, -z])):  # the row alone, and within a batch
+            y_batch, g_batch = lml_module._stage1_batched(batch, k, n, iters)
+            assert y_row.dtype == y_batch.dtype == dtype and g_row.dtype == g_batch.dtype
+            assert np.array_equal(y_row[0], y_batch[0], equal_nan=True), (n, k)
+            assert np.array_equal(g_row, g_batch[:1], equal_nan=True), (n, k)

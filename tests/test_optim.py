@@ -579,6 +579,12 @@ def test_benchmark_runs_tiny(tmp_path, options: tuple[str, ...]) -> None:
     result = run_benchmark("optim", tmp_path, *options)
     assert result["keep_freed_memory"] is bool(options)
     assert result["native_loops"] is (dcem.optim._native.library() is not None)
+    parts = result["parts"]
+    for name in ["elites_topk", "elites_lowest", "std_torch_std_mean", "std_two_pass",
+                 "lml_row_batched_form", "lml_row_scalar_form", "moments_numpy",
+                 "moments_vjp_numpy", "sample_vjp_numpy"]:  # fmt: skip
+        assert parts[f"{name}_s"] > 0
+    assert ("moments_c_s" in parts) is result["native_loops"]
     for row in result["results"]:
         assert row["noise_floor_s"] > 0 and row["dcem_fwd_bwd_s"] > 0 and row["cem_fwd_s"] > 0
         assert 0 < row["f_fwd_s"] < row["f_fwd_bwd_s"]  # the cost alone, for the split

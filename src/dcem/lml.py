@@ -230,6 +230,11 @@ def _stage1_arrays(z: np.ndarray, k: float, n: int, iters: int) -> tuple[np.ndar
     """:func:`_stage1_numpy` on an array z (r, n): ``(y, g)`` as arrays."""
     if z.shape[0] == 1:
         return _stage1_row(z, k, n, iters)
+    return _stage1_batched(z, k, n, iters)
+
+
+def _stage1_batched(z: np.ndarray, k: float, n: int, iters: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_stage1_arrays` with the per-row quantities as arrays (r,)."""
     dt = z.dtype.type
     with np.errstate(all="ignore"):
         m = z.sum(-1) / n
@@ -254,7 +259,7 @@ def _stage1_arrays(z: np.ndarray, k: float, n: int, iters: int) -> tuple[np.ndar
 
 
 def _stage1_row(z: np.ndarray, k: float, n: int, iters: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_stage1_arrays` for one row, z (1, n), bit for bit: the per-row quantities
+    """:func:`_stage1_batched` for one row, z (1, n), bit for bit: the per-row quantities
     are NumPy scalars of z's dtype (IEEE arithmetic of the same precision, a tenth of the
     cost of operations on one-element arrays), so a problem solved alone costs less."""
     dt, row = z.dtype.type, z[0]
