@@ -86,7 +86,7 @@ def library() -> ctypes.CDLL | None:
                 if os.environ.get("DCEM_NATIVE", "1") != "0":
                     try:
                         lib = _load()
-                    except (OSError, subprocess.SubprocessError):
+                    except (OSError, RuntimeError, subprocess.SubprocessError):
                         lib = None
                 _state["lib"] = lib
     return _state["lib"]
