@@ -227,7 +227,7 @@ def bench_mlp(batch: int, hidden: int, repeats: int) -> dict:
 def bench_parts(batch: int, d: int, repeats: int) -> dict:
     """The library's own hot pieces against the plain way, side by side at (B, N, d):
     CEM's elite selection, the standardization's std, a single row's soft top-k solve,
-    and the three passes over the noise in C loops vs NumPy blocks (times in seconds;
+    and the three passes over the noise in C loops vs PyTorch blocks (times in seconds;
     C entries only where the loops could be built). Each call repeats 20 times."""
     optim, lml = importlib.import_module("dcem.optim"), importlib.import_module("dcem.lml")
     gen = torch.Generator().manual_seed(2)
@@ -251,15 +251,15 @@ def bench_parts(batch: int, d: int, repeats: int) -> dict:
     passes = {
         "moments": lambda: optim._noise_moments(w, eps),
         "moments_vjp": lambda: optim._noise_moments_vjp(eps, g_a, g_q),
-        "sample_vjp": lambda: optim._sample_vjp_numpy(g, eps),
+        "sample_vjp": lambda: optim._sample_sums(g, eps),
     }
     library = _native.library
     for name, fn in passes.items():
         if library() is not None:
             parts[f"{name}_c_s"] = timed(fn)
-        _native.library = lambda: None  # the NumPy blocks
+        _native.library = lambda: None  # the PyTorch blocks
         try:
-            parts[f"{name}_numpy_s"] = timed(fn)
+            parts[f"{name}_blocks_s"] = timed(fn)
         finally:
             _native.library = library
     return {"B": batch, "N": N, "d": d, **parts}
@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, m in mlp["backward_modes"].items():
         peak = f"peak {m['peak_bytes'] / 2**20:8.1f} MiB ({m['peak_vs_full']:.2f} of full)"
         print(f"  {name:10s} {peak}, grad error {m['grad_rel_error']:.2e}", file=sys.stderr)
-    native = _native.library() is not None  # the C loops, or NumPy blocks (DCEM_NATIVE=0)
-    print(f"C loops over the noise: {'yes' if native else 'no (NumPy blocks)'}", file=sys.stderr)
+    native = _native.library() is not None  # the C loops, or PyTorch blocks (DCEM_NATIVE=0)
+    print(f"C loops over the noise: {'yes' if native else 'no (PyTorch blocks)'}", file=sys.stderr)
     return write_result(
         "optim", rows, args.out, mlp=mlp, device="cpu", dtype="float32",
         keep_freed_memory=args.keep_freed_memory, native_loops=native, parts=parts,

@@ -87,7 +87,7 @@ def _solve(path: Path, env: dict[str, str]) -> tuple:
 )
 def test_no_library_falls_back_and_dcem_still_runs(tmp_path: Path, env: dict[str, str]) -> None:
     """Without the C loops (switched off, or no compiler) nothing is built and dcem runs
-    its NumPy blocks: the same solution and gradient as with them, to rounding."""
+    its PyTorch blocks: the same solution and gradient as with them, to rounding."""
     cache = tmp_path / "cache"
     assert _fresh({"DCEM_CACHE_DIR": str(cache), **env}).stdout.strip() == "False"
     assert not any(cache.glob("*.so"))

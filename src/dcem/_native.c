@@ -1,7 +1,7 @@
 /* One-pass loops over DCEM's (B, N, d) noise on the CPU, for float and double.
  *
  * dcem/_native.py compiles this file on first use (cc -O3 -march=native) and calls
- * it through ctypes; without a C compiler dcem runs the same sums as NumPy blocks.
+ * it through ctypes; without a C compiler dcem runs the same sums in PyTorch blocks.
  * All arrays are C-contiguous: w, g_w (B, N); eps, g (B, N, d); a, q, g_a, g_q,
  * g_mu, g_sigma (B, d).
  *
@@ -9,9 +9,8 @@
  * noise_moments_vjp: g_w = sum_d eps g_a + eps^2 g_q          (its backward w.r.t. w)
  * sample_vjp:        g_mu = sum_n g,  g_sigma = sum_n g eps   (x = mu + sigma eps)
  *
- * Each reads its (B, N, d) inputs once, with no temporaries: the NumPy form reads a
- * block from memory, then squares or multiplies it and runs one small matrix product
- * per problem over it.
+ * Each reads its (B, N, d) inputs once, with no temporaries: the PyTorch form reads a
+ * block of problems from memory, then squares or multiplies it and reduces it.
  */
 #include <stddef.h>
 

@@ -5,7 +5,7 @@
 source, the compiler and the CPU's flags (``-march=native`` code must not run on another
 CPU), written to a temporary file and renamed, so concurrent processes never load a
 half-written library. Where there is no compiler, the build fails, or ``DCEM_NATIVE=0``,
-:func:`library` returns ``None`` and :mod:`dcem.optim` runs the same sums as NumPy blocks.
+:func:`library` returns ``None`` and :mod:`dcem.optim` runs the same sums in PyTorch blocks.
 
 Each function takes C-contiguous float32 or float64 NumPy arrays of one dtype and returns
 new arrays (shapes in ``_native.c``).

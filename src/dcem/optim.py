@@ -372,9 +372,10 @@ def _sample(mu: Tensor, sigma: Tensor, eps: Tensor, lb: Tensor | None, ub: Tenso
 
 class _Sample(torch.autograd.Function):
     """``mu + sigma * eps`` (B, N, d) for large problems, with a backward that never writes a
-    (B, N, d) tensor: ``g_mu = sum_n g``, and ``g_sigma = sum_n g eps`` formed a cache-sized
-    block of problems at a time (autograd's ``addcmul`` backward writes ``g * eps`` whole,
-    then reads it again). The backward is made of differentiable operations."""
+    (B, N, d) tensor: ``g_mu = sum_n g`` and ``g_sigma = sum_n g eps`` in one pass, in the C
+    loops (:mod:`dcem._native`) or a cache-sized block of problems at a time (autograd's
+    ``addcmul`` backward writes ``g * eps`` whole, then reads it again). With a graph to
+    build (``create_graph``) the backward is made of differentiable operations."""
 
     @staticmethod
     def forward(ctx: Any, mu: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:  # type: ignore[override]
@@ -386,53 +387,38 @@ class _Sample(torch.autograd.Function):
         sigma, eps = ctx.saved_tensors
         need_mu, need_sigma, need_eps = ctx.needs_input_grad
         g_mu = g_sigma = None
-        if need_sigma and _numpy_blocks(g, eps) and not torch.is_grad_enabled():
-            g_mu, g_sigma = _sample_vjp_numpy(g, eps)
-            g_mu = g_mu if need_mu else None
-        elif need_sigma:  # each block of g is read from memory once for both sums
-            mus, sigmas = [], []
-            for g_i, eps_i in _blocks(g, eps):
-                mus.append(g_i.sum(1))
-                sigmas.append(torch.mul(g_i, eps_i).sum(1))
-            g_mu, g_sigma = torch.cat(mus), torch.cat(sigmas)
-            g_mu = g_mu if need_mu else None
+        if need_sigma:
+            g_mu, g_sigma = _sample_sums(g, eps)
         elif need_mu:
             g_mu = g.sum(1)
         g_eps = g * sigma.unsqueeze(1) if need_eps else None
-        return g_mu, g_sigma, g_eps
+        return g_mu if need_mu else None, g_sigma, g_eps
+
+
+def _sample_sums(g: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum_n g, sum_n g eps)`` (B, d) of (B, N, d) tensors, reading g once: the C loops,
+    or a block of problems at a time (differentiable: the form taken with a graph)."""
+    if _native_ok(g, eps):
+        g_mu, g_sigma = _native.sample_vjp(g.numpy(), eps.numpy())
+        return torch.from_numpy(g_mu), torch.from_numpy(g_sigma)
+    mus, sigmas = [], []
+    for g_i, eps_i in _blocks(g, eps):
+        mus.append(g_i.sum(1))
+        sigmas.append(torch.mul(g_i, eps_i).sum(1))
+    return torch.cat(mus), torch.cat(sigmas)
 
 
 _BLOCK = 1 << 18  # entries (1 MiB of float32) per block of the large-problem nodes
 
 
-def _numpy_blocks(*tensors: Tensor) -> bool:
-    """Whether the block loops may run in NumPy: CPU, one float32/float64 dtype, no graph."""
+def _native_ok(*tensors: Tensor) -> bool:
+    """Whether the C loops may take these tensors: built, CPU, one float32/float64 dtype,
+    no graph (they are read as NumPy arrays)."""
     dtype = tensors[0].dtype
-    return dtype in (torch.float32, torch.float64) and all(
+    plain = all(
         t.device.type == "cpu" and t.dtype == dtype and not t.requires_grad for t in tensors
     )
-
-
-def _sample_vjp_numpy(g: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sum_n g, sum_n g eps)`` (B, d) of (B, N, d) tensors, block by block in NumPy: the
-    sums over n are matrix products with a row of ones (NumPy's reduction over a middle
-    axis took several times as long)."""
-    gn, en = g.numpy(), eps.numpy()
-    if _native.library() is not None:
-        first, second = _native.sample_vjp(gn, en)
-        return torch.from_numpy(first), torch.from_numpy(second)
-    batch, n, d = gn.shape
-    ones = np.ones((1, n), gn.dtype)
-    first = np.empty((batch, d), gn.dtype)
-    second = np.empty((batch, d), gn.dtype)
-    rows = min(batch, max(1, _BLOCK // (n * d)))
-    buf = np.empty((rows, n, d), gn.dtype)
-    for i in range(0, batch, rows):
-        g_i = gn[i : i + rows]
-        prod = np.multiply(g_i, en[i : i + rows], out=buf[: len(g_i)])
-        np.matmul(ones, g_i, out=first[i : i + rows, None])
-        np.matmul(ones, prod, out=second[i : i + rows, None])
-    return torch.from_numpy(first), torch.from_numpy(second)
+    return plain and dtype in (torch.float32, torch.float64) and _native.library() is not None
 
 
 def _blocks(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
@@ -446,24 +432,11 @@ def _blocks(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
 
 def _noise_moments(w: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
     """``(sum_n w eps, sum_n w eps^2)``, both (B, d), for weights w (B, N) and noise eps
-    (B, N, d): a cache-sized block of problems at a time, so the noise is read from
-    memory once and ``eps^2`` is never written whole; in NumPy on the CPU (its matrix
-    products of these shapes are faster). No autograd graph."""
-    if _numpy_blocks(w, eps):
-        if _native.library() is not None:
-            a, q = _native.noise_moments(w.numpy(), eps.numpy())
-            return torch.from_numpy(a), torch.from_numpy(q)
-        wn, en = w.numpy()[:, None, :], eps.numpy()
-        a = np.empty((eps.shape[0], 1, eps.shape[2]), en.dtype)
-        q = np.empty_like(a)
-        rows = min(eps.shape[0], max(1, _BLOCK // (eps.shape[1] * eps.shape[2])))
-        buf = np.empty((rows,) + en.shape[1:], en.dtype)
-        for i in range(0, en.shape[0], rows):
-            e = en[i : i + rows]
-            sq = np.square(e, out=buf[: len(e)])
-            np.matmul(wn[i : i + rows], e, out=a[i : i + rows])
-            np.matmul(wn[i : i + rows], sq, out=q[i : i + rows])
-        return torch.from_numpy(a[:, 0]), torch.from_numpy(q[:, 0])
+    (B, N, d), reading the noise once: the C loops, or a cache-sized block of problems at
+    a time (``eps^2`` is never written whole). No autograd graph."""
+    if _native_ok(w, eps):
+        a, q = _native.noise_moments(w.numpy(), eps.numpy())
+        return torch.from_numpy(a), torch.from_numpy(q)
     firsts, seconds = [], []
     for w_i, eps_i in _blocks(w.unsqueeze(1), eps):
         firsts.append(torch.bmm(w_i, eps_i))
@@ -473,30 +446,28 @@ def _noise_moments(w: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
 
 def _noise_moments_vjp(eps: Tensor, g_a: Tensor, g_q: Tensor) -> Tensor:
     """The gradient ``(B, N)`` w.r.t. w of :func:`_noise_moments`:
-    ``sum_d (eps g_a + eps^2 g_q)``, block by block like the forward."""
-    if _numpy_blocks(eps, g_a, g_q):
-        if _native.library() is not None:
-            g_w = _native.noise_moments_vjp(eps.numpy(), g_a.numpy(), g_q.numpy())
-            return torch.from_numpy(g_w)
-        en = eps.numpy()
-        an, qn = g_a.numpy()[:, None, :], g_q.numpy()[:, None, :]
-        out = np.empty((eps.shape[0], 1, eps.shape[1]), en.dtype)
-        rows = min(eps.shape[0], max(1, _BLOCK // (eps.shape[1] * eps.shape[2])))
-        buf = np.empty((rows,) + en.shape[1:], en.dtype)
-        second = np.empty((rows, 1, eps.shape[1]), en.dtype)
-        for i in range(0, en.shape[0], rows):
-            e = en[i : i + rows]
-            sq = np.square(e, out=buf[: len(e)])
-            np.matmul(an[i : i + rows], e.transpose(0, 2, 1), out=out[i : i + rows])
-            out[i : i + rows] += np.matmul(
-                qn[i : i + rows], sq.transpose(0, 2, 1), out=second[: len(e)]
-            )
-        return torch.from_numpy(out[:, 0])
+    ``sum_d (eps g_a + eps^2 g_q)``, like the forward."""
+    if _native_ok(eps, g_a, g_q):
+        return torch.from_numpy(_native.noise_moments_vjp(eps.numpy(), g_a.numpy(), g_q.numpy()))
     parts = []
     for a_i, q_i, eps_i in _blocks(g_a.unsqueeze(1), g_q.unsqueeze(1), eps):
         part = torch.bmm(a_i, eps_i.transpose(1, 2))
         parts.append(torch.baddbmm(part, q_i, eps_i.square().transpose(1, 2)))
     return torch.cat(parts).squeeze(1)
+
+
+def _refit_from_moments(
+    mu: Tensor, sigma: Tensor, total: Tensor, a: Tensor, squares: Tensor, k: int
+) -> tuple[Tensor, ...]:
+    """:func:`_refit_reparam`'s formulas from ``S = sum w`` (B, 1) and the noise moments
+    ``a = sum w eps``, ``squares = sum w eps^2`` (B, d): returns ``(mu', sigma', e, c,
+    spread, var)``, the last four for :class:`_NoiseRefit`'s backward."""
+    e = a / total
+    spread = squares - total * e * e
+    new_mu = torch.addcmul(total * mu, sigma, a) / k
+    c = (1 - total / k) * torch.addcmul(mu, sigma, e)
+    var = (sigma * sigma * spread + total * c * c) / k
+    return new_mu, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt(), e, c, spread, var
 
 
 class _NoiseRefit(torch.autograd.Function):
@@ -506,11 +477,12 @@ class _NoiseRefit(torch.autograd.Function):
     (mu' (B, d), sigma' (B, d), w (B, N))``.
 
     The same arithmetic as ``_scores`` + ``lml`` + ``_refit_reparam``, with a hand-written
-    backward (the chain rule through ``_refit_reparam``'s formulas, :func:`dcem.lml`'s
-    implicit gradient and the standardization's): about twenty small autograd nodes per
-    iteration become one, and the noise is read once in each direction
-    (:func:`_noise_moments`). Once differentiable; under ``torch.func`` transforms the
-    composed path is used instead.
+    backward (the chain rule through the refit formulas, :func:`dcem.lml`'s implicit
+    gradient and the standardization's): about twenty small autograd nodes per iteration
+    become one, and the noise is read once in each direction (:func:`_noise_moments`).
+    The gradient through ``S = sum w`` is left out: the soft top-k pins S at k, and its
+    VJP removes any per-problem constant from ``g_w``. Once differentiable; under
+    ``torch.func`` transforms the composed path is used instead.
     """
 
     @staticmethod
@@ -518,18 +490,12 @@ class _NoiseRefit(torch.autograd.Function):
                 tau: float, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]  # fmt: skip
         z, s, live = _standardize(v, normalize)
         w = _lml_forward(z, k, tau, None)
-        a, squares = _noise_moments(w, eps)
         total = w.sum(-1, keepdim=True)
-        e = a / total
-        spread = squares - total * e * e
-        new_mu = torch.addcmul(total * mu, sigma, a) / k
-        m = torch.addcmul(mu, sigma, e)
-        c = (1 - total / k) * m
-        var = (sigma * sigma * spread + total * c * c) / k
-        new_sigma = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+        new_mu, new_sigma, e, c, spread, var = _refit_from_moments(
+            mu, sigma, total, *_noise_moments(w, eps), k
+        )
         ctx.k, ctx.tau = k, tau
-        ctx.save_for_backward(eps, w, z, s, live, mu, sigma, total, a, e, m, c, spread, var,
-                              new_sigma)  # fmt: skip
+        ctx.save_for_backward(eps, w, z, s, live, sigma, total, e, c, spread, var, new_sigma)
         ctx.mark_non_differentiable(w)
         return new_mu, new_sigma, w
 
@@ -537,33 +503,20 @@ class _NoiseRefit(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, g_new_mu: Tensor, g_new_sigma: Tensor, _g_w: Tensor
                  ) -> tuple[Tensor | None, ...]:  # type: ignore[override]  # fmt: skip
-        eps, w, z, s, live, mu, sigma, total, a, e, m, c, spread, var, new_sigma = ctx.saved_tensors
+        eps, w, z, s, live, sigma, total, e, c, spread, var, new_sigma = ctx.saved_tensors
         k = ctx.k
         tiny = torch.finfo(var.dtype).tiny
         # var = (sigma^2 spread + S c^2) / k, sigma' = sqrt(var) where var > tiny
         g_var = torch.where(var > tiny, g_new_sigma / (2 * new_sigma), torch.zeros_like(var)) / k
-        # mu' = (S mu + sigma a) / k
-        g_mu = g_new_mu * (total / k)
-        g_sigma = g_new_mu * a / k + 2 * g_var * sigma * spread
-        g_a = g_new_mu * sigma / k
-        g_total = (g_new_mu * mu).sum(-1, keepdim=True) / k + (g_var * c * c).sum(-1, keepdim=True)
         g_spread = g_var * sigma * sigma
-        # c = (1 - S / k) m, m = mu + sigma e
-        g_c = 2 * g_var * total * c
-        g_total = g_total - (g_c * m).sum(-1, keepdim=True) / k
-        g_m = g_c * (1 - total / k)
-        g_mu = g_mu + g_m
-        g_sigma = g_sigma + g_m * e
+        # c = (1 - S / k) (mu + sigma e); mu' = (S mu + sigma a) / k
+        g_m = 2 * g_var * total * c * (1 - total / k)
+        g_mu = g_new_mu * (total / k) + g_m
+        g_sigma = g_mu * e + 2 * g_var * sigma * spread  # a = S e
         # spread = q - S e^2, e = a / S
         g_e = g_m * sigma - 2 * total * e * g_spread
-        g_total = (
-            g_total
-            - (g_spread * e * e).sum(-1, keepdim=True)
-            - (g_e * e).sum(-1, keepdim=True) / total
-        )
-        g_a = g_a + g_e / total
-        # S = sum w, (a, q) = sum w (eps, eps^2)
-        g_w = _noise_moments_vjp(eps, g_a, g_spread) + g_total
+        g_a = g_new_mu * sigma / k + g_e / total
+        g_w = _noise_moments_vjp(eps, g_a, g_spread)
         g_v = _standardize_vjp(_lml_vjp(w, g_w, ctx.tau), z, s, live)
         return g_v, g_mu, g_sigma, None, None, None, None
 
@@ -600,14 +553,11 @@ def _refit_reparam(
     digits; one pass writes ``eps^2`` instead of two for the centred squares).
     """
     w = weights.unsqueeze(1)
-    total = weights.sum(-1, keepdim=True)
     a, squares = torch.bmm(w, eps).squeeze(1), torch.bmm(w, eps.square()).squeeze(1)
-    e = a / total
-    spread = squares - total * e * e
-    new_mu = torch.addcmul(total * mu, sigma, a) / k
-    c = (1 - total / k) * torch.addcmul(mu, sigma, e)
-    var = (sigma * sigma * spread + total * c * c) / k
-    return new_mu, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
+    new_mu, new_sigma, *_ = _refit_from_moments(
+        mu, sigma, weights.sum(-1, keepdim=True), a, squares, k
+    )
+    return new_mu, new_sigma
 
 
 # Above this many sample entries (B * N * d) without bounds, refit from the noise.
@@ -859,7 +809,7 @@ def dcem(
         top-k's implicit gradient; second derivatives only under ``torch.func``).
 
     On the CPU, problems with ``B * N * d >= 65,536`` and no bounds make their passes over
-    the noise in C loops compiled on first use (:mod:`dcem._native`; NumPy blocks without
+    the noise in C loops compiled on first use (:mod:`dcem._native`; PyTorch blocks without
     a C compiler or with ``DCEM_NATIVE=0``).
     """
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < math.inf:
