@@ -233,16 +233,23 @@ def _stage1_arrays(z: np.ndarray, k: float, n: int, iters: int) -> tuple[np.ndar
     return _stage1_batched(z, k, n, iters)
 
 
+def _stage1_start(z: np.ndarray, k: float, n: int) -> tuple[np.ndarray, ...]:
+    """The guess and bracket ``(nu, lo, hi)`` (r,) of :func:`_initial_guess` for rows z (r, n)
+    (called under ``np.errstate(all="ignore")``)."""
+    dt = z.dtype.type
+    m = z.sum(-1) / n
+    s = np.sqrt(np.maximum((z * z).sum(-1) / n - m * m, 0))
+    c = math.log(k / (n - k))
+    lo, hi = c - z.max(-1), c - z.min(-1)
+    nu = np.sqrt(s * s + dt(8.0 / math.pi)) * dt(_normal_quantile(k / n)) - m
+    return np.minimum(np.maximum(nu, lo), hi).astype(z.dtype), lo, hi
+
+
 def _stage1_batched(z: np.ndarray, k: float, n: int, iters: int) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_stage1_arrays` with the per-row quantities as arrays (r,)."""
     dt = z.dtype.type
     with np.errstate(all="ignore"):
-        m = z.sum(-1) / n
-        s = np.sqrt(np.maximum((z * z).sum(-1) / n - m * m, 0))
-        c = math.log(k / (n - k))
-        lo, hi = c - z.max(-1), c - z.min(-1)
-        nu = np.sqrt(s * s + dt(8.0 / math.pi)) * dt(_normal_quantile(k / n)) - m
-        nu = np.minimum(np.maximum(nu, lo), hi).astype(z.dtype)
+        nu, lo, hi = _stage1_start(z, k, n)
         tiny = np.finfo(z.dtype).tiny
         for i in range(iters):
             y = 1 / (1 + np.exp(-(z + nu[:, None])))
@@ -259,18 +266,14 @@ def _stage1_batched(z: np.ndarray, k: float, n: int, iters: int) -> tuple[np.nda
 
 
 def _stage1_row(z: np.ndarray, k: float, n: int, iters: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_stage1_batched` for one row, z (1, n), bit for bit: the per-row quantities
-    are NumPy scalars of z's dtype (IEEE arithmetic of the same precision, a tenth of the
-    cost of operations on one-element arrays), so a problem solved alone costs less."""
+    """:func:`_stage1_batched` for one row, z (1, n), bit for bit: after the common start,
+    the Newton steps' per-row quantities are NumPy scalars of z's dtype (IEEE arithmetic of
+    the same precision, a tenth of the cost of operations on one-element arrays), so a
+    problem solved alone costs less."""
     dt, row = z.dtype.type, z[0]
     tiny = np.finfo(z.dtype).tiny
     with np.errstate(all="ignore"):
-        m = row.sum() / n
-        s = np.sqrt(np.maximum((row * row).sum() / n - m * m, 0))
-        c = math.log(k / (n - k))
-        lo, hi = c - row.max(), c - row.min()
-        nu = np.sqrt(s * s + dt(8.0 / math.pi)) * dt(_normal_quantile(k / n)) - m
-        nu = np.minimum(np.maximum(nu, lo), hi)
+        nu, lo, hi = (t[0] for t in _stage1_start(z, k, n))
         for i in range(iters):
             y = np.add(row, nu)  # y = 1 / (1 + exp(-(z + nu))), in one buffer
             np.exp(np.negative(y, out=y), out=y)
