@@ -547,7 +547,7 @@ class _GDThroughNet(torch.autograd.Function):
     """Unrolled GD through the energy nets (training, :func:`predict_batch`) as one node.
 
     (Its forward writes out the layers rather than calling :func:`_net_forward_np`: it needs
-    softplus'' and not the energies, and the shared form made a 3-seed update ~4% slower.)
+    softplus'' and not the energies, which that function would compute on this hot path.)
 
     The same steps as :func:`dcem.unroll_gd` on :func:`batched_energy_fn` from ``y = 0``:
     ``y <- y - lr dE/dy``, with ``dE/dy`` by the chain rule through the three Softplus
