@@ -268,8 +268,8 @@ def _stage1_batched(z: np.ndarray, k: float, n: int, iters: int) -> tuple[np.nda
 def _stage1_row(z: np.ndarray, k: float, n: int, iters: int) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_stage1_batched` for one row, z (1, n), bit for bit: after the common start,
     the Newton steps' per-row quantities are NumPy scalars of z's dtype (IEEE arithmetic of
-    the same precision, a tenth of the cost of operations on one-element arrays), so a
-    problem solved alone costs less."""
+    the same precision, cheaper than operations on one-element arrays), so a problem solved
+    alone costs less (``benchmarks/optim.py`` times both forms)."""
     dt, row = z.dtype.type, z[0]
     tiny = np.finfo(z.dtype).tiny
     with np.errstate(all="ignore"):
