@@ -293,6 +293,8 @@ def _add_dmc(parser: argparse.ArgumentParser) -> None:
                        "seedN[-quick])")  # fmt: skip
     train.add_argument("--quick", action="store_true", help="tiny sizes and budget exercising "
                        "every step (the smoke test)")  # fmt: skip
+    train.add_argument("--threads", type=_positive_int, default=None, help="torch threads "
+                       "(default: torch's, one per core); 1 leaves the other cores free")  # fmt: skip
     for f in dataclasses.fields(dmc.DMCConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
@@ -382,6 +384,10 @@ def _run_dmc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     out = args.out or Path(
         f"runs/dmc/{cfg.task}-{cfg.planner}-seed{cfg.seed}" + ("-quick" if args.quick else "")
     )
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         summary = dmc.train(cfg, out)
     except (dmc.RunFolderError, common.FolderLockedError, common.CheckpointError) as err:

@@ -78,11 +78,16 @@ log = logging.getLogger(__name__)
 EXPERIMENT = "dmc"
 PLANNERS = ("cem", "latent")
 BACKWARDS = ("full", "checkpoint", "pruned")
-CKPT_VERSION = 1
+CKPT_VERSION = 2
+"""Checkpoint format: 2 added the observation statistics (``RSSM.obs_loc`` etc.)."""
 METRIC_FIELDS = [
-    "env_step", "episode", "phase", "return", "obs_loss", "reward_loss", "kl_loss", "kl_raw",
-    "updates", "wall_seconds", "decoder_cost",
+    "env_step", "episode", "phase", "return", "return_std", "eval_returns", "obs_loss",
+    "reward_loss", "kl_loss", "kl_raw", "updates", "wall_seconds", "episode_seconds",
+    "plan_seconds", "update_seconds", "physics_seconds", "decoder_cost",
 ]  # fmt: skip
+"""Columns of ``metrics.csv``. Train and seed rows: one per episode. Eval rows: one per
+evaluation point, ``return`` the mean and ``return_std`` the standard deviation of its
+episodes, ``eval_returns`` each episode's return (space-separated)."""
 
 
 # --------------------------------------------------------------------------- config
@@ -116,21 +121,32 @@ class DMCConfig:
     lr: float = field(default=1e-3, metadata=_doc("Adam learning rate"))
     adam_eps: float = field(default=1e-4, metadata=_doc("Adam epsilon"))
     grad_clip: float = field(default=1000.0, metadata=_doc("gradient-norm clip"))
-    free_nats: float = field(default=3.0, metadata=_doc("KL free nats"))
+    free_nats: float = field(
+        default=1.0, metadata=_doc("KL free nats, clamped per (time, batch) element as PlaNet")
+    )
+    reward_scale: float = field(
+        default=10.0, metadata=_doc("weight of the reward term of the bound (PlaNet: 10)")
+    )
     deter_size: int = field(default=200, metadata=_doc("GRU units"))
     stoch_size: int = field(default=30, metadata=_doc("stochastic state size"))
     hidden_size: int = field(default=200, metadata=_doc("units of every other layer"))
     horizon: int = field(default=12, metadata=_doc("planning horizon (agent steps)"))
-    plan_iter: int = field(default=10, metadata=_doc("CEM iterations per decision"))
-    plan_samples: int = field(default=1000, metadata=_doc("CEM candidates per iteration"))
-    plan_elites: int = field(default=100, metadata=_doc("CEM elites per iteration"))
+    plan_iter: int = field(
+        default=8, metadata=_doc("CEM iterations per decision (paper: 10; 8 for a CPU)")
+    )
+    plan_samples: int = field(
+        default=300, metadata=_doc("CEM candidates per iteration (paper: 1000; 300 for a CPU)")
+    )
+    plan_elites: int = field(
+        default=30, metadata=_doc("CEM elites per iteration (paper: 100; 30 for a CPU)")
+    )
     plan_sample: bool = field(
-        default=True,
-        metadata=_doc("imagine with samples of the prior (PlaNet); --no-plan-sample: its mean"),
+        default=False,
+        metadata=_doc("imagine with samples of the prior (PlaNet) instead of its mean"),
     )
     explore_noise: float = field(default=0.3, metadata=_doc("std of the exploration noise"))
     eval_every: int = field(default=10_000, metadata=_doc("env steps between evaluations"))
-    eval_episodes: int = field(default=1, metadata=_doc("episodes per evaluation"))
+    eval_episodes: int = field(default=5, metadata=_doc("episodes per evaluation"))
     video: bool = field(default=True, metadata=_doc("render eval.gif at the end"))
     init_from: str = field(
         default="",
@@ -182,9 +198,15 @@ class DMCConfig:
         for name in ("action_repeat", "seed_episodes", "seed", "decoder_warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be finite, got {value}")
         for name in ("lr", "adam_eps", "grad_clip", "latent_tau", "decoder_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.reward_scale < 0:
+            raise ValueError(f"reward_scale must be >= 0, got {self.reward_scale}")
         if self.free_nats < 0 or self.explore_noise < 0:
             raise ValueError(
                 f"free_nats and explore_noise must be >= 0, got {self.free_nats}, "
@@ -357,11 +379,13 @@ class Agent:
         sums = torch.zeros(len(keys), device=self.device)
         decoder_costs: list[Tensor] = []
         cfg = self.cfg
+        self.freeze_obs_stats()
         for _ in range(n):
             obs, actions, rewards = self.sample_batch()
             terms = self.model.loss(
-                obs, actions, rewards, free_nats=cfg.free_nats, generator=self.generator
-            )
+                obs, actions, rewards, free_nats=cfg.free_nats, reward_scale=cfg.reward_scale,
+                generator=self.generator,
+            )  # fmt: skip
             self.optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -374,6 +398,14 @@ class Agent:
         if decoder_costs:
             means["decoder_cost"] = float(torch.stack(decoder_costs).mean())
         return means
+
+    def freeze_obs_stats(self) -> None:
+        """Set the model's observation statistics from the replay, once (before the first
+        model update: the seed episodes in a default run). A model loaded with statistics
+        (resume, ``init_from``) keeps its own."""
+        if not self.model.has_obs_stats:
+            self.model.set_obs_stats(torch.as_tensor(self.replay.observations(),
+                                                     device=self.device))  # fmt: skip
 
     def update_decoder(self, obs: Tensor, actions: Tensor) -> Tensor:
         """One decoder step through DCEM on belief states of a replay batch ``(L, B, ·)``.
@@ -419,8 +451,11 @@ class Agent:
     def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
         """Restore a checkpoint; refuses one of another task, config or format version."""
         if state.get("version") != CKPT_VERSION:
-            raise CheckpointError(f"{path} has format version {state.get('version')!r}, "
-                                  f"expected {CKPT_VERSION}")  # fmt: skip
+            raise CheckpointError(
+                f"{path} has format version {state.get('version')!r}, expected {CKPT_VERSION} "
+                "(written by an older dcem, without observation statistics); start a new run "
+                "with another --out"
+            )
         if state.get("task") != self.cfg.task:
             raise CheckpointError(
                 f"{path} is a checkpoint of task {state.get('task')!r}, not {self.cfg.task!r}"
@@ -455,13 +490,18 @@ def run_episode(
     generator: torch.Generator | None = None,
     on_step: Callable[[int], None] | None = None,
     frames: list[np.ndarray] | None = None,
+    timers: dict[str, float] | None = None,
 ) -> float:  # fmt: skip
     """One episode; returns its return.
 
     ``mode``: ``"seed"`` (uniform random actions), ``"train"`` (planner + exploration noise)
     or ``"eval"`` (planner only). Seed and train episodes go to the replay. ``on_step(t)`` is
-    called before each agent step ``t`` (model updates); ``frames`` collects renders.
+    called before each agent step ``t`` (model updates); ``frames`` collects renders;
+    ``timers["plan"]`` and ``timers["physics"]`` accumulate the seconds spent acting (belief
+    and planner) and in the simulator.
     """
+    timers = {} if timers is None else timers
+    clock = time.perf_counter
     store = mode != "eval"
     generator = agent.generator if generator is None else generator
     obs = env.reset(seed=seed)
@@ -473,6 +513,7 @@ def run_episode(
     while not done:
         if on_step is not None:
             on_step(t)
+        tick = clock()
         if mode == "seed":
             action = agent.random_action()
         else:
@@ -480,7 +521,10 @@ def run_episode(
                 belief, action, obs, explore=mode == "train", generator=generator
             )
         action_np = action.cpu().numpy().astype(np.float32)
+        tock = clock()
         obs, reward, done = env.step(action_np)
+        timers["plan"] = timers.get("plan", 0.0) + tock - tick
+        timers["physics"] = timers.get("physics", 0.0) + clock() - tock
         if store:
             agent.replay.add_step(action_np, reward, obs, done)
         if frames is not None:
@@ -490,15 +534,16 @@ def run_episode(
 
 
 def _evaluate_agent(
-    agent: Agent, env: DMCEnv, episodes: Sequence[int], frames: list[np.ndarray] | None = None
-) -> list[float]:
+    agent: Agent, env: DMCEnv, episodes: Sequence[int], frames: list[np.ndarray] | None = None,
+    timers: dict[str, float] | None = None,
+) -> list[float]:  # fmt: skip
     """Returns of the noise-free planner on evaluation episodes with the given indices."""
     returns = []
     for i in episodes:
         gen = torch.Generator(agent.device).manual_seed(_seed(agent.cfg.seed, EVAL_STREAM, i))
         returns.append(run_episode(agent, env, mode="eval", seed=_seed(agent.cfg.seed,
                        EVAL_STREAM, i, 1), generator=gen, frames=frames if i == episodes[0]
-                       else None))  # fmt: skip
+                       else None, timers=timers))  # fmt: skip
     return returns
 
 
@@ -513,6 +558,12 @@ def _init_from(agent: Agent, run: Path) -> None:
     if not path.is_file():
         raise RunFolderError(f"init_from: {run} has no checkpoint (ckpt/latest.pt)")
     state = common.load_checkpoint(path)
+    if state.get("version") != CKPT_VERSION:
+        raise CheckpointError(
+            f"init_from: {path} has format version {state.get('version')!r}, expected "
+            f"{CKPT_VERSION} (a phase-1 run of an older dcem, without observation statistics); "
+            "train phase 1 again"
+        )
     if state.get("task") != cfg.task:
         raise CheckpointError(f"init_from: {path} is a run of task {state.get('task')!r}, "
                               f"not {cfg.task!r}")  # fmt: skip
@@ -617,9 +668,12 @@ def _train_loop(agent: Agent, env: DMCEnv, out: Path, bar: Any) -> None:
             log.info("episode %d (%s), %d env steps, %.0f s: %s", row["episode"], row["phase"],
                      c["env_step"], agent.wall_seconds, _postfix(row))  # fmt: skip
         last = c["env_step"] >= cfg.env_steps
-        if last or c["env_step"] // cfg.eval_every > steps_before // cfg.eval_every:
+        evaluated = last or c["env_step"] // cfg.eval_every > steps_before // cfg.eval_every
+        if evaluated:
             rows.extend(_eval_rows(agent, env))
         _save(agent, out, rows)
+        if evaluated or c["episode"] % 5 == 0:
+            plot(out)  # the figure follows the run
 
 
 def _train_episode(agent: Agent, env: DMCEnv) -> dict[str, Any]:
@@ -628,23 +682,34 @@ def _train_episode(agent: Agent, env: DMCEnv) -> dict[str, Any]:
     interval = max(1, cfg.update_every // cfg.repeat)
     start = time.perf_counter()
     losses: list[dict[str, float]] = []
+    timers = {"plan": 0.0, "physics": 0.0, "update": 0.0}
 
     def on_step(t: int) -> None:
         if t % interval == 0 and agent.can_update():
+            tick = time.perf_counter()
             losses.append(agent.update(cfg.updates_per_round))
+            timers["update"] += time.perf_counter() - tick
 
     mode = "seed" if c["episode"] < cfg.seed_episodes else "train"
     ret = run_episode(agent, env, mode=mode, seed=_seed(cfg.seed, TRAIN_STREAM, c["episode"]),
-                      on_step=on_step if mode == "train" else None)  # fmt: skip
+                      on_step=on_step if mode == "train" else None, timers=timers)  # fmt: skip
     c["env_step"] += env.steps
     c["episode"] += 1
-    agent.wall_seconds += time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    agent.wall_seconds += seconds
     keys = ("obs_loss", "reward_loss", "kl_loss", "kl_raw", "decoder_cost")
     mean = {k: float(np.mean([x[k] for x in losses if k in x])) if any(k in x for x in losses)
             else "" for k in keys}  # fmt: skip
     return {"env_step": c["env_step"], "episode": c["episode"] - 1, "phase": mode,
             "return": ret, **mean, "updates": c["updates"],
-            "wall_seconds": round(agent.wall_seconds, 2)}  # fmt: skip
+            "wall_seconds": round(agent.wall_seconds, 2), **_split(seconds, timers)}  # fmt: skip
+
+
+def _split(seconds: float, timers: dict[str, float]) -> dict[str, float]:
+    """The ``metrics.csv`` columns of an episode's wall time and its parts."""
+    return {"episode_seconds": round(seconds, 2), "plan_seconds": round(timers["plan"], 2),
+            "update_seconds": round(timers.get("update", 0.0), 2),
+            "physics_seconds": round(timers["physics"], 2)}  # fmt: skip
 
 
 def _postfix(row: dict[str, Any]) -> str:
@@ -657,19 +722,22 @@ def _postfix(row: dict[str, Any]) -> str:
 
 
 def _eval_rows(agent: Agent, env: DMCEnv) -> list[dict[str, Any]]:
+    """One evaluation point: ``eval_episodes`` noise-free episodes on the same seeded starts
+    at every point (the episodes of ``dcem dmc eval``), summarized in one row."""
     start = time.perf_counter()
     c = agent.counters
-    first = c["evals"] * agent.cfg.eval_episodes
-    returns = _evaluate_agent(agent, env, range(first, first + agent.cfg.eval_episodes))
-    agent.wall_seconds += time.perf_counter() - start
-    rows = [{"env_step": c["env_step"], "episode": c["evals"], "phase": "eval", "return": r,
-             "updates": c["updates"], "wall_seconds": round(agent.wall_seconds, 2)}
-            for r in returns]  # fmt: skip
+    timers = {"plan": 0.0, "physics": 0.0}
+    returns = _evaluate_agent(agent, env, range(agent.cfg.eval_episodes), timers=timers)
+    seconds = time.perf_counter() - start
+    agent.wall_seconds += seconds
+    row = {"env_step": c["env_step"], "episode": c["evals"], "phase": "eval",
+           "return": float(np.mean(returns)), "return_std": float(np.std(returns)),
+           "eval_returns": " ".join(f"{r:.2f}" for r in returns), "updates": c["updates"],
+           "wall_seconds": round(agent.wall_seconds, 2), **_split(seconds, timers)}  # fmt: skip
     c["evals"] += 1
-    log.info(
-        "eval at %d env steps: return %s", c["env_step"], ", ".join(f"{r:.1f}" for r in returns)
-    )
-    return rows
+    log.info("eval at %d env steps: mean %.1f (std %.1f) over %s", c["env_step"], row["return"],
+             row["return_std"], ", ".join(f"{r:.1f}" for r in returns))  # fmt: skip
+    return [row]
 
 
 def _finish(agent: Agent, env: DMCEnv, out: Path) -> dict[str, Any]:
@@ -916,7 +984,13 @@ def plot(out: Path) -> Path:
     axes[0].plot(x, y, color="#348ABD", label="train (with exploration noise)")
     if len(evals):
         # markers: a short run may have a single evaluation, which a line alone would hide
-        axes[0].plot(evals[:, 0], evals[:, 1], color="#A60628", marker="o", ms=3, label="eval")
+        axes[0].plot(evals[:, 0], evals[:, 1], color="#A60628", marker="o", ms=3,
+                     label="eval (mean ± std)")  # fmt: skip
+        spread = [(float(r["env_step"]) / 1000.0, float(r["return"]), float(r["return_std"]))
+                  for r in rows if r["phase"] == "eval" and r.get("return_std", "") != ""]
+        if spread:
+            sx, sm, ss = np.asarray(spread).T
+            axes[0].fill_between(sx, sm - ss, sm + ss, color="#A60628", alpha=0.2, lw=0)
     axes[0].legend(fontsize=8)
     panels = [("Episode Reward", None), ("Obs Loss", "obs_loss"), ("Rew Loss", "reward_loss"),
               ("KL Loss", "kl_raw")]  # fmt: skip

@@ -79,6 +79,9 @@ class ReplayBuffer:
                 f"obs must be ({self.obs_size},) and action ({self.action_size},), "
                 f"got {obs.shape} and {action.shape}"
             )
+        for name, value in (("obs", obs), ("action", action), ("reward", reward)):
+            if not np.isfinite(value).all():
+                raise ValueError(f"{name} must be finite, got {value}")
         if self._size == len(self._data["reward"]):
             capacity = max(1024, 2 * self._size)
             for key, array in self._data.items():
@@ -100,6 +103,10 @@ class ReplayBuffer:
     def num_episodes(self) -> int:
         """Stored episodes, the unfinished one included."""
         return len(self._starts)
+
+    def observations(self) -> np.ndarray:
+        """All stored observations, ``(N, o)`` float32 (a copy)."""
+        return self._data["obs"][: self._size].copy()
 
     def episode_bounds(self) -> np.ndarray:
         """``(E, 2)`` int64 ``[start, end)`` rows of every episode."""

@@ -7,7 +7,8 @@ with fully connected encoder and decoder instead of pixel ones.
 * stochastic state with diagonal Gaussian prior ``p(s_t | h_t)`` and posterior
   ``q(s_t | h_t, e(o_t))``, std = softplus(·) + ``min_std`` (``stoch_size`` = 30);
 * observation model ``p(o_t | h_t, s_t)`` and reward model ``p(r_t | h_t, s_t)``, both unit
-  variance Gaussians around a predicted mean;
+  variance Gaussians around a predicted mean; the observation model lives in normalized
+  units (see below);
 * every other function (input ``g``, encoder ``e``, prior, posterior, decoder, reward) is
   ``n_layers`` = 2 fully connected ReLU layers of ``hidden_size`` = 200 units (followed by a
   linear output layer where the function has an output of its own).
@@ -17,6 +18,16 @@ is the action that led *into* ``obs[t]`` and ``rewards[t]`` the reward received 
 first action of an episode is zeros. ``observe(obs, actions)`` therefore computes
 ``h_t = GRU(h_{t-1}, g(s_{t-1}, actions[t]))`` and ``s_t ~ q(· | h_t, obs[t])`` from a zero
 initial state.
+
+Observation normalization: proprioceptive observations mix loud joint velocities (standard
+deviations of 4-13 on cheetah and walker) with the quiet quantities the reward depends on
+(root velocity, torso height: 0.2-0.7), and a unit-variance Gaussian summed over dimensions
+would spend the model on the loud ones. The model therefore keeps per-dimension statistics
+(buffers ``obs_loc``, ``obs_scale``; set once with :meth:`RSSM.set_obs_stats`, saved with the
+``state_dict``) and works on ``(obs - obs_loc) / obs_scale`` everywhere it sees an
+observation: the encoder's input and the observation term of the loss. Callers always pass
+raw observations; :meth:`RSSM.predict_obs` returns normalized ones (:meth:`RSSM.normalize`
+maps raw ones to the same units). Until the statistics are set they are the identity.
 
 All tensors are time-major: ``(T, B, ·)``. Device and dtype follow the module's parameters;
 inputs must match them.
@@ -52,13 +63,14 @@ class LossTerms(NamedTuple):
     """Terms of the negative PlaNet bound, each a scalar averaged over time and batch."""
 
     total: Tensor
-    """``obs + reward + kl``: the quantity to minimize."""
+    """``obs + reward_scale * reward + kl``: the quantity to minimize."""
     obs: Tensor
-    """Negative Gaussian (unit variance) log-likelihood of the observations, summed over dims."""
+    """Negative Gaussian (unit variance) log-likelihood of the normalized observations,
+    summed over dims."""
     reward: Tensor
     """Negative Gaussian (unit variance) log-likelihood of the rewards."""
     kl: Tensor
-    """``max(kl_raw, free_nats)``: constant (zero gradient) below the free nats."""
+    """Mean over time and batch of ``max(KL_t, free_nats)`` (PlaNet's clamp per element)."""
     kl_raw: Tensor
     """Mean over time and batch of ``KL(q(s_t|h_t,o_t) ‖ p(s_t|h_t))`` summed over dims."""
 
@@ -142,11 +154,48 @@ class RSSM(nn.Module):
         self.posterior = mlp(deter_size + hidden_size, hidden_size, n_layers, 2 * stoch_size)
         self.decoder = mlp(feat, hidden_size, n_layers, obs_size)
         self.reward = mlp(feat, hidden_size, n_layers, 1)
+        self.register_buffer("obs_loc", torch.zeros(obs_size))
+        self.register_buffer("obs_scale", torch.ones(obs_size))
+        self.register_buffer("obs_count", torch.zeros((), dtype=torch.long))
         self._stacked: tuple[list[Tensor], _StackedWeights] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # copies and pickles leave the cache of ``imagined_return`` behind (rebuilt on use)
         return {**super().__getstate__(), "_stacked": None}
+
+    # --------------------------------------------------------- normalization
+    obs_loc: Tensor
+    obs_scale: Tensor
+    obs_count: Tensor
+
+    @property
+    def has_obs_stats(self) -> bool:
+        """Whether :meth:`set_obs_stats` has been called (on this model or the one loaded)."""
+        return bool(self.obs_count > 0)
+
+    @torch.no_grad()
+    def set_obs_stats(self, obs: Tensor, *, min_scale: float = 1e-2) -> None:
+        """Freeze the observation statistics to those of ``obs``: ``(N, o)`` raw observations.
+
+        ``obs_loc`` is their mean and ``obs_scale`` their standard deviation (population), at
+        least ``min_scale`` so that a constant dimension stays finite. Raises ``ValueError``
+        for fewer than two rows, the wrong width or non-finite values.
+        """
+        if obs.dim() != 2 or obs.shape[-1] != self.obs_size or obs.shape[0] < 2:
+            raise ValueError(
+                f"obs must have shape (N >= 2, {self.obs_size}), got {tuple(obs.shape)}"
+            )
+        if not bool(torch.isfinite(obs).all()):
+            raise ValueError("obs must be finite to compute normalization statistics")
+        obs = obs.to(self.obs_loc)
+        self.obs_loc.copy_(obs.mean(0))
+        self.obs_scale.copy_(obs.std(0, correction=0).clamp_min(min_scale))
+        self.obs_count.fill_(obs.shape[0])
+
+    def normalize(self, obs: Tensor) -> Tensor:
+        """Raw observations ``(..., o)`` in the model's units: ``(obs - obs_loc) / obs_scale``."""
+        self._check_last("obs", obs, self.obs_size)
+        return (obs - self.obs_loc) / self.obs_scale
 
     # ----------------------------------------------------------------- one step
     def initial_state(self, batch_shape: tuple[int, ...] | torch.Size) -> State:
@@ -209,9 +258,8 @@ class RSSM(nn.Module):
         return State(prior.deter, stoch, mean, std)
 
     def encode(self, obs: Tensor) -> Tensor:
-        """Observation embedding: ``(..., o) -> (..., hidden_size)``."""
-        self._check_last("obs", obs, self.obs_size)
-        return self.encoder(obs)
+        """Embedding of raw observations (normalized first): ``(..., o) -> (..., hidden_size)``."""
+        return self.encoder(self.normalize(obs))
 
     def belief(
         self,
@@ -243,7 +291,7 @@ class RSSM(nn.Module):
         return self.reward(self.features(state)).squeeze(-1)
 
     def predict_obs(self, state: State) -> Tensor:
-        """Mean of ``p(o | h, s)``: ``(..., o)``."""
+        """Mean of ``p(o | h, s)`` in normalized units (see :meth:`normalize`): ``(..., o)``."""
         return self.decoder(self.features(state))
 
     # ------------------------------------------------------------- sequences
@@ -399,40 +447,48 @@ class RSSM(nn.Module):
         rewards: Tensor,
         *,
         free_nats: float = 3.0,
+        reward_scale: float = 10.0,
         state: State | None = None,
         generator: torch.Generator | None = None,
     ) -> LossTerms:
         """Negative multi-step variational bound of PlaNet (one-step KL, no overshooting).
 
-        ``total = obs + reward + max(KL, free_nats)`` where each term is averaged over time and
-        batch, the observation term is summed over observation dimensions and the KL over the
-        stochastic state. The free nats clamp the *averaged* KL, so below ``free_nats`` the KL
-        term is the constant ``free_nats`` and passes no gradient.
+        ``total = obs + reward_scale * reward + mean_{t,b} max(KL_{t,b}, free_nats)`` where
+        each term is averaged over time and batch, the observation term (in normalized units)
+        is summed over observation dimensions and the KL over the stochastic state. As in
+        PlaNet the free nats clamp each (time, batch) element's KL, so an element below
+        ``free_nats`` contributes the constant ``free_nats`` and no gradient while the others
+        keep theirs.
 
         Args:
-            obs: ``(T, B, o)``; actions: ``(T, B, a)``; rewards: ``(T, B)`` (aligned as in the
-                module docstring).
+            obs: raw ``(T, B, o)``; actions: ``(T, B, a)``; rewards: ``(T, B)`` (aligned as in
+                the module docstring).
             free_nats: KL values below this are not penalized (PlaNet: 3).
+            reward_scale: weight of the reward term (PlaNet: 10).
             state: state before the first step, ``(B)``; zeros when None.
 
         Returns:
             ``LossTerms(total, obs, reward, kl, kl_raw)``, scalars.
         """
-        if free_nats < 0:
-            raise ValueError(f"free_nats must be >= 0, got {free_nats}")
+        if not math.isfinite(free_nats) or free_nats < 0:
+            raise ValueError(f"free_nats must be finite and >= 0, got {free_nats}")
+        if not math.isfinite(reward_scale) or reward_scale < 0:
+            raise ValueError(f"reward_scale must be finite and >= 0, got {reward_scale}")
         if rewards.shape != obs.shape[:2]:
             raise ValueError(
                 f"rewards must have shape (T, B) = {tuple(obs.shape[:2])}, "
                 f"got {tuple(rewards.shape)}"
             )
         post, prior = self.observe(obs, actions, state, generator=generator)
-        obs_nll = -gaussian_log_likelihood(obs, self.predict_obs(post)).mean()
+        target = self.normalize(obs)
+        obs_nll = -gaussian_log_likelihood(target, self.predict_obs(post)).mean()
         reward_nll = -gaussian_log_likelihood(
             rewards.unsqueeze(-1), self.predict_reward(post).unsqueeze(-1)
         ).mean()
-        kl_raw = gaussian_kl(post.mean, post.std, prior.mean, prior.std).mean()
-        kl = kl_raw.clamp(min=free_nats)
-        return LossTerms(obs_nll + reward_nll + kl, obs_nll, reward_nll, kl, kl_raw)
+        kl_elem = gaussian_kl(post.mean, post.std, prior.mean, prior.std)  # (T, B)
+        kl = kl_elem.clamp(min=free_nats).mean()
+        total = obs_nll + reward_scale * reward_nll + kl
+        return LossTerms(total, obs_nll, reward_nll, kl, kl_elem.mean())
 
     # ------------------------------------------------------------- checks
     def _imagination_noise(
