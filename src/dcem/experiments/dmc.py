@@ -16,6 +16,7 @@ Run folder (``out``)::
     summary.json       final and best evaluation returns, counts, timings
     ckpt/latest.pt     model, optimizer, replay, generators and counters (state_dicts and
                        tensors only), written atomically after every episode
+    ckpt/envNNNNNNN.pt a copy of it at each evaluation point (``dcem dmc diagnose --ckpt``)
     training.png       the paper's phase-1 layout: episode reward, obs, reward and KL loss
     eval.gif           one evaluation episode rendered offscreen (when a GL backend works)
     eval/{planner}.json  returns written by ``dcem dmc eval``
@@ -672,6 +673,10 @@ def _train_loop(agent: Agent, env: DMCEnv, out: Path, bar: Any) -> None:
         if evaluated:
             rows.extend(_eval_rows(agent, env))
         _save(agent, out, rows)
+        if evaluated:  # the model at each evaluation point, for diagnose and phase 2
+            snapshot = out / "ckpt" / f"env{c['env_step']:07d}.pt"
+            with common.atomic_open(snapshot, "wb") as handle:
+                handle.write((out / "ckpt" / "latest.pt").read_bytes())
         if evaluated or c["episode"] % 5 == 0:
             plot(out)  # the figure follows the run
 
