@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,7 +44,7 @@ def _rows(out: Path) -> list[dict[str, str]]:
 
 
 def _without_time(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rows]
+    return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +130,69 @@ def test_killed_run_resumes_to_the_rows_of_an_uninterrupted_run(tmp_path: Path) 
     ref = common.load_checkpoint(straight / "ckpt" / "latest.pt")
     for key, value in ref["model"].items():
         torch.testing.assert_close(final["model"][key], value, rtol=0, atol=0)
+    # the observation statistics were in the checkpoint that was cut off, and stayed
+    assert int(kept["model"]["obs_count"]) > 0
+    for key in ("obs_loc", "obs_scale", "obs_count"):
+        assert torch.equal(kept["model"][key], final["model"][key]), key
+
+
+def test_observation_statistics_are_those_of_the_seed_episodes(phase1: Path) -> None:
+    state = common.load_checkpoint(phase1 / "ckpt" / "latest.pt")
+    cfg = dmc.load_config(phase1)
+    rows = cfg.seed_episodes * (cfg.agent_steps_per_episode + 1)
+    seed_obs = state["replay"]["obs"][:rows].double().numpy()
+    assert int(state["model"]["obs_count"]) == rows
+    np.testing.assert_allclose(state["model"]["obs_loc"].numpy(), seed_obs.mean(0), atol=1e-5)
+    np.testing.assert_allclose(
+        state["model"]["obs_scale"].numpy(), np.maximum(seed_obs.std(0), 1e-2), rtol=1e-5
+    )
+    # snapshots at each evaluation point hold the same statistics
+    snapshots = sorted((phase1 / "ckpt").glob("env*.pt"))
+    assert snapshots, "no checkpoint copies at evaluation points"
+    snap = common.load_checkpoint(snapshots[0])
+    assert torch.equal(snap["model"]["obs_loc"], state["model"]["obs_loc"])
+
+
+def _r2(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    return 1.0 - ((y - pred) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)
+
+
+def test_diagnose_on_a_quick_run_agrees_with_numpy(phase1: Path, tmp_path: Path) -> None:
+    from scipy.stats import spearmanr
+
+    out = _copy(phase1, tmp_path / "run")
+    done = _cli("diagnose", out, "--episodes", "2", "--states", "4", "--sequences", "12")
+    assert done.returncode == 0, done.stderr
+    (path,) = (out / "diagnose").glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["env_steps_trained"] >= dmc.load_config(out).env_steps
+    arrays = np.load(path.with_suffix(".npz"))
+    assert path.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+    cfg = dmc.load_config(out)
+    n_obs = 2 * (cfg.agent_steps_per_episode + 1)
+    assert arrays["obs_target"].shape == (n_obs, make_env(TASK).obs_size)
+    np.testing.assert_allclose(record["obs_r2"],
+                               _r2(arrays["obs_target"], arrays["obs_pred"]), rtol=1e-4,
+                               atol=1e-5)  # fmt: skip
+    assert record["reward_r2"] == pytest.approx(
+        float(_r2(arrays["reward_target"], arrays["reward_pred"])), rel=1e-4, abs=1e-5
+    )
+    assert len(record["open_loop_reward_r2"]) == cfg.horizon
+    np.testing.assert_allclose(record["open_loop_reward_r2"],
+                               _r2(arrays["open_loop_target"].T, arrays["open_loop_pred"].T),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    rho = [spearmanr(i, t).statistic for i, t in
+           zip(arrays["random_imagined"], arrays["random_true"], strict=True)]  # fmt: skip
+    np.testing.assert_allclose(record["rank_correlation_per_state"], rho, rtol=1e-6, atol=1e-9)
+    planner = record["planner"]
+    assert planner["true_return"] == pytest.approx(float(arrays["plan_true"].mean()))
+    assert planner["random_true_return_best"] == pytest.approx(
+        float(arrays["random_true"].max(1).mean())
+    )
+    # the true returns are the simulator's: replaying a sequence from the state gives them
+    assert arrays["random_true"].shape == (4, 12)
+    bad = _cli("diagnose", out, "--ckpt", out / "nope.pt")
+    assert bad.returncode == 2 and "nope.pt" in bad.stderr
 
 
 def test_eval_command_writes_returns_json(phase1: Path, tmp_path: Path) -> None:

@@ -145,11 +145,69 @@ def test_loss_terms_match_torch_distributions():
     kl = kl_divergence(
         Independent(Normal(post.mean, post.std), 1), Independent(Normal(prior.mean, prior.std), 1)
     ).mean()
+    kl_elem = kl_divergence(
+        Independent(Normal(post.mean, post.std), 1), Independent(Normal(prior.mean, prior.std), 1)
+    )
     torch.testing.assert_close(terms.obs, obs_nll)
     torch.testing.assert_close(terms.reward, reward_nll)
     torch.testing.assert_close(terms.kl_raw, kl)
-    torch.testing.assert_close(terms.kl, kl.clamp(min=3.0))
-    torch.testing.assert_close(terms.total, obs_nll + reward_nll + kl.clamp(min=3.0))
+    torch.testing.assert_close(terms.kl, kl_elem.clamp(min=3.0).mean())
+    torch.testing.assert_close(terms.total, obs_nll + 10.0 * reward_nll + terms.kl)
+
+
+def test_free_nats_clamp_each_element_as_a_hand_computation():
+    """A (T, B) = (2, 2) batch: PlaNet's mean over elements of max(KL, free nats)."""
+    model = tiny_model()
+    obs, actions, rewards = random_batch()
+    obs, actions, rewards = obs[:2, :2], actions[:2, :2], rewards[:2, :2]
+    post, prior = model.observe(obs, actions, generator=torch.Generator().manual_seed(3))
+    mq, sq, mp, sp = (x.detach().double().numpy() for x in
+                      (post.mean, post.std, prior.mean, prior.std))  # fmt: skip
+    by_hand = 0.5 * ((sq / sp) ** 2 + ((mq - mp) / sp) ** 2 - 1 - np.log((sq / sp) ** 2)).sum(-1)
+    free = float(np.median(by_hand))  # some elements below, some above
+    assert (by_hand < free).any() and (by_hand > free).any()
+    terms = model.loss(obs, actions, rewards, free_nats=free,
+                       generator=torch.Generator().manual_seed(3))  # fmt: skip
+    assert terms.kl.item() == pytest.approx(np.maximum(by_hand, free).mean(), rel=1e-5)
+    assert terms.kl_raw.item() == pytest.approx(by_hand.mean(), rel=1e-5)
+    # the clamp of the batch mean (the old rule) is a different number here
+    assert not np.isclose(max(by_hand.mean(), free), np.maximum(by_hand, free).mean(), rtol=1e-3)
+    # gradient: the elements above the free nats alone
+    params = list(model.parameters())
+    post, prior = model.observe(obs, actions, generator=torch.Generator().manual_seed(3))
+    kl = gaussian_kl(post.mean, post.std, prior.mean, prior.std)
+    expected = torch.autograd.grad((kl * (kl > free)).sum() / kl.numel(), params,
+                                   allow_unused=True)  # fmt: skip
+    got = torch.autograd.grad(terms.kl, params, allow_unused=True)
+    for gr, ex in zip(got, expected, strict=True):
+        if ex is not None:
+            torch.testing.assert_close(gr, ex)
+
+
+def test_observation_statistics_normalize_encoder_input_and_target():
+    model = tiny_model()
+    obs, actions, rewards = random_batch()
+    raw = obs * torch.linspace(0.5, 20.0, obs.shape[-1]) + 3.0
+    assert not model.has_obs_stats
+    model.set_obs_stats(raw.reshape(-1, raw.shape[-1]))
+    assert model.has_obs_stats
+    flat = raw.reshape(-1, raw.shape[-1]).double().numpy()
+    np.testing.assert_allclose(model.obs_loc.numpy(), flat.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.obs_scale.numpy(), flat.std(0), rtol=1e-5)
+    z = model.normalize(raw)
+    torch.testing.assert_close(model.encode(raw), model.encoder(z))
+    terms = model.loss(raw, actions, rewards, generator=torch.Generator().manual_seed(3))
+    post, _ = model.observe(raw, actions, generator=torch.Generator().manual_seed(3))
+    expected = -Normal(model.predict_obs(post), 1.0).log_prob(z).sum(-1).mean()
+    torch.testing.assert_close(terms.obs, expected)
+    state = model.state_dict()  # the statistics travel with the model
+    clone = tiny_model()
+    clone.load_state_dict(state)
+    assert clone.has_obs_stats and torch.equal(clone.obs_scale, model.obs_scale)
+    with pytest.raises(ValueError, match="finite"):
+        model.set_obs_stats(torch.full((3, obs.shape[-1]), float("nan")))
+    with pytest.raises(ValueError, match="obs"):
+        model.set_obs_stats(raw[0, :1].reshape(1, -1))
 
 
 def _kl_terms(model: RSSM, free_nats: float):
@@ -165,12 +223,12 @@ def test_free_nats():
     assert kl_raw > 0.0
     params = [p for p in model.parameters()]
 
-    below = _kl_terms(model, 2.0 * kl_raw)  # KL < free nats: constant, no gradient
-    assert below.kl.item() == pytest.approx(2.0 * kl_raw)
+    below = _kl_terms(model, 1e4 * kl_raw)  # every element's KL < free nats: no gradient
+    assert below.kl.item() == pytest.approx(1e4 * kl_raw)
     grads = torch.autograd.grad(below.kl, params, allow_unused=True)
     assert all(gr is None or bool((gr == 0).all()) for gr in grads)
 
-    above = _kl_terms(model, 0.5 * kl_raw)  # KL > free nats: the KL itself, with its gradient
+    above = _kl_terms(model, 0.0)  # every element above: the KL itself, with its gradient
     assert above.kl.item() == pytest.approx(kl_raw)
     grads = torch.autograd.grad(above.kl, params, allow_unused=True, retain_graph=True)
     expected = torch.autograd.grad(above.kl_raw, params, allow_unused=True)

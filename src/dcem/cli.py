@@ -293,8 +293,8 @@ def _add_dmc(parser: argparse.ArgumentParser) -> None:
                        "seedN[-quick])")  # fmt: skip
     train.add_argument("--quick", action="store_true", help="tiny sizes and budget exercising "
                        "every step (the smoke test)")  # fmt: skip
-    train.add_argument("--threads", type=_positive_int, default=None, help="torch threads "
-                       "(default: torch's, one per core); 1 leaves the other cores free")  # fmt: skip
+    train.add_argument("--threads", type=_positive_int, default=None,
+                       help="torch threads (default: torch's, one per core)")  # fmt: skip
     for f in dataclasses.fields(dmc.DMCConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
@@ -319,6 +319,23 @@ def _add_dmc(parser: argparse.ArgumentParser) -> None:
                           "every record in the runs' eval/ folders (paper fig. 4)")  # fmt: skip
     evaluate.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     evaluate.add_argument("--video", action="store_true", help="also render eval-PLANNER.gif")
+    diag = sub.add_parser("diagnose", help="is the world model good enough to plan with? R² "
+                          "of reconstruction and rewards, open-loop rewards, return ranking "
+                          "(JSON and figure in RUN_DIR/diagnose)")  # fmt: skip
+    diag.add_argument("run", type=Path, metavar="RUN_DIR", help="run folder")
+    diag.add_argument("--ckpt", type=Path, default=None, help="checkpoint (default: the "
+                      "run's latest; RUN_DIR/ckpt/envNNNNNNN.pt: at its evaluations)")  # fmt: skip
+    diag.add_argument("--episodes", type=_positive_int, default=2,
+                      help="held-out episodes to collect (default: %(default)s)")
+    diag.add_argument("--states", type=_positive_int, default=8,
+                      help="start states for the return tests (default: %(default)s)")
+    diag.add_argument("--sequences", type=_positive_int, default=50,
+                      help="random action sequences per state (default: %(default)s)")
+    diag.add_argument("--policy", choices=("planner", "random"), default="planner",
+                      help="how the held-out episodes act (default: %(default)s, with the "
+                      "run's exploration noise)")  # fmt: skip
+    diag.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    diag.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
 
 def _dmc_config(args: argparse.Namespace) -> Any:
@@ -355,6 +372,20 @@ def _run_dmc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     _choose_gl_backend()
 
+    if args.dmc_command == "diagnose":
+        from dcem.experiments import diagnose
+
+        try:
+            record = diagnose.diagnose(
+                args.run, ckpt=args.ckpt, episodes=args.episodes, states=args.states,
+                sequences=max(2, args.sequences), policy=args.policy, seed=args.seed,
+                device=args.device,
+            )  # fmt: skip
+        except (dmc.RunFolderError, common.CheckpointError, ValueError) as err:
+            parser.error(f"argument RUN_DIR: {err}")
+        print(json.dumps({k: v for k, v in record.items() if k != "rank_correlation_per_state"},
+                         indent=1))  # fmt: skip
+        return 0
     if args.dmc_command == "eval":
         sizes = (args.candidates, args.elites, args.iterations)
         if any(v is not None for v in sizes) and None in sizes:

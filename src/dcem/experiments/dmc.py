@@ -401,9 +401,9 @@ class Agent:
         return means
 
     def freeze_obs_stats(self) -> None:
-        """Set the model's observation statistics from the replay, once (before the first
-        model update: the seed episodes in a default run). A model loaded with statistics
-        (resume, ``init_from``) keeps its own."""
+        """Set the model's observation statistics from the replay, once: after the last seed
+        episode, else before the first model update. A model loaded with statistics (resume,
+        ``init_from``) keeps its own."""
         if not self.model.has_obs_stats:
             self.model.set_obs_stats(torch.as_tensor(self.replay.observations(),
                                                      device=self.device))  # fmt: skip
@@ -700,6 +700,8 @@ def _train_episode(agent: Agent, env: DMCEnv) -> dict[str, Any]:
                       on_step=on_step if mode == "train" else None, timers=timers)  # fmt: skip
     c["env_step"] += env.steps
     c["episode"] += 1
+    if c["episode"] == cfg.seed_episodes:
+        agent.freeze_obs_stats()  # from the seed episodes alone
     seconds = time.perf_counter() - start
     agent.wall_seconds += seconds
     keys = ("obs_loss", "reward_loss", "kl_loss", "kl_raw", "decoder_cost")
@@ -991,8 +993,11 @@ def plot(out: Path) -> Path:
         # markers: a short run may have a single evaluation, which a line alone would hide
         axes[0].plot(evals[:, 0], evals[:, 1], color="#A60628", marker="o", ms=3,
                      label="eval (mean ± std)")  # fmt: skip
-        spread = [(float(r["env_step"]) / 1000.0, float(r["return"]), float(r["return_std"]))
-                  for r in rows if r["phase"] == "eval" and r.get("return_std", "") != ""]
+        spread = [
+            (float(r["env_step"]) / 1000.0, float(r["return"]), float(r["return_std"]))
+            for r in rows
+            if r["phase"] == "eval" and r.get("return_std", "") != ""
+        ]
         if spread:
             sx, sm, ss = np.asarray(spread).T
             axes[0].fill_between(sx, sm - ss, sm + ss, color="#A60628", alpha=0.2, lw=0)

@@ -149,6 +149,27 @@ class DMCEnv:
                 break
         return flatten_observation(time_step.observation, self.obs_keys), reward, done
 
+    def get_state(self) -> np.ndarray:
+        """The simulator's state (positions, velocities, activations) and the step counter:
+        a float64 vector that :meth:`set_state` restores."""
+        return np.append(self._env.physics.get_state(), float(self._steps))
+
+    def set_state(self, state: np.ndarray) -> np.ndarray:
+        """Restore a :meth:`get_state` vector; returns the observation there ``(obs_size,)``.
+
+        Stepping from a restored state gives the same rewards and observations as stepping
+        from where it was taken (the tasks' dynamics are deterministic).
+        """
+        state = np.asarray(state, dtype=np.float64)
+        physics = self._env.physics
+        size = physics.get_state().shape[0] + 1
+        if state.shape != (size,):
+            raise ValueError(f"state must have shape ({size},), got {tuple(state.shape)}")
+        with physics.reset_context():
+            physics.set_state(state[:-1])
+        self._steps = int(state[-1])
+        return flatten_observation(self._env.task.get_observation(physics), self.obs_keys)
+
     @property
     def steps(self) -> int:
         """Environment steps taken in the current episode."""
