@@ -19,9 +19,13 @@ reads the largest residual. Rows not within tolerance (heavy tails at small
 ``tau``: a staircase of saturated sigmoids; rows with +-inf or NaN) are handled
 by a careful path: NaN raises, infinite scores are fixed to 0/1, and the rest is
 re-solved in stage 2, the same safeguarded Newton for up to 64 steps from the
-midpoint of the k-th and (k+1)-th largest scores (``topk``), in coordinates
-shifted to that point, which keeps the root find exact when ``|x / tau|`` is
-large.
+midpoint of the k-th and (k+1)-th largest scores (``topk``; for a fractional k a
+point found by bisection between two such midpoints), in coordinates
+``(x - ref) / tau`` shifted to that point before the division. The projection is
+invariant to a shift of a row (not to a scaling), so this keeps the root find exact
+when ``|x / tau|`` is large, when a row's sum or ``x / tau`` overflows, and when
+``tau`` underflows in float32: finite scores never give NaN (equal scores give
+``k / n`` each, scores with gaps much larger than ``tau`` the hard top-k).
 
 Backward: the closed-form implicit gradient, O(n) per row,
 
@@ -45,6 +49,9 @@ __all__ = ["lml", "LML", "topk_mask"]
 _STAGE1_ITERS = {torch.float64: 5, torch.float32: 4}
 _RTOL = {torch.float64: 1e-11, torch.float32: 1e-5}
 _STAGE2_ITERS = 64
+# Stage 2 shifts a row to within this many units of tau of its threshold (see _shift).
+_NARROW = 64.0
+_ROOT_BOUND = 1000.0
 
 
 def _validate(x: Tensor, k: float, tau: float) -> int:
@@ -140,52 +147,111 @@ def _initial_guess(
     return torch.minimum(torch.maximum(nu, lo), hi), lo, hi
 
 
-def _solve_shifted(z: Tensor, k: Tensor, m: Tensor, mask: Tensor | None) -> Tensor:
-    """Stage 2: safeguarded Newton from the top-k midpoint, in coordinates shifted to it.
+def _offsets(x: Tensor, ref: Tensor, tau: float) -> Tensor:
+    """``(x - ref) / tau`` (r, n) for scores x (r, n) and row shifts ref (r, 1), never NaN.
 
-    z: (r, n), -inf where ``mask`` (r, n) is 0; k: (r,) targets with
-    0 < k < m; m: (r,) number of finite entries per row. Shifting by the
-    midpoint ``ref`` of the k-th and (k+1)-th largest scores makes the
-    differences that decide the weights near the threshold exact, however large
-    ``|z|`` is. The bracket is recomputed in these coordinates and widened by a
-    few ulps so that rounding cannot exclude the root. Returns y: (r, n).
+    The difference is exact near ``ref`` (Sterbenz) and rounded once elsewhere; a
+    difference that overflows is halved first, so ``tau > 1`` still brings it back into
+    range. The division is done in float64 (a float32 ``tau`` may underflow to 0 or
+    overflow to inf). Offsets beyond ``+-finfo.max / 4`` are clamped there: with ``ref``
+    from :func:`_shift` the root of the shifted problem lies within ``_ROOT_BOUND`` of 0, so
+    such entries have weight exactly 1 or 0 either way. ``-inf`` entries (the masked ones)
+    give ``-finfo.max / 4``.
     """
-    kk = k.floor().clamp(min=1).minimum(m - 1)
-    top = z.topk(int(kk.max()) + 1, dim=-1).values
-    idx = kk.long().unsqueeze(-1)
-    ref = 0.5 * (top.gather(-1, idx - 1) + top.gather(-1, idx)).squeeze(-1)
-    w = z - ref.unsqueeze(-1)
-    w_max = top[:, 0] - ref
+    big = torch.finfo(x.dtype).max / 4
+    xd, rd = x.double(), ref.double()
+    d = xd - rd
+    d = torch.where(torch.isfinite(d), d / tau, (0.5 * xd - 0.5 * rd) / tau * 2.0)
+    return d.clamp(-big, big).to(x.dtype)
+
+
+def _shift(x: Tensor, k: Tensor, m: Tensor, tau: float) -> Tensor:
+    """A shift ``ref`` (r, 1) of each row within a few units of ``tau`` of the threshold
+    ``-nu`` of the projection, so that the root find in the shifted coordinates of
+    :func:`_offsets` is as precise as near 0 and clamps no entry that is not saturated.
+
+    x: (r, n) unscaled scores, -inf at masked entries; k: (r,) targets with 0 < k < m;
+    m: (r,) number of finite entries. With ``kk = floor(k)``, the threshold lies within
+    ``log(2n)`` (in units of ``tau``) of the midpoint of the kk-th and (kk+1)-th largest
+    scores for an integer k: that midpoint is the ref. For a fractional k it lies between
+    that midpoint (or the largest score) and the next one (or the smallest score); a
+    bracket wider than ``_NARROW`` units of ``tau`` is bisected in the scores' coordinates
+    until it is not (one host sync per step), or until its ends are neighbouring floats.
+    The ref is then the end next to the threshold.
+    """
+    kk = k.floor().minimum(m - 1)
+    width = min(int(kk.max()) + 2, x.shape[-1])
+    top = x.topk(width, dim=-1).values
+
+    def at(i: Tensor) -> Tensor:  # the (i+1)-th largest score of each row, (r, 1)
+        return top.gather(-1, i.clamp(0, width - 1).long().unsqueeze(-1))
+
+    # halves first: the sum of two scores near the dtype's limit would overflow
+    hi = torch.where((kk >= 1).unsqueeze(-1), 0.5 * at(kk - 1) + 0.5 * at(kk), at(kk))
+    lo = torch.where((kk + 2 <= m).unsqueeze(-1), 0.5 * at(kk) + 0.5 * at(kk + 1), at(kk))
+    lo = torch.where((k == kk).unsqueeze(-1), hi, lo)
+    for _ in range(2200):  # a bracket of 2 * finfo.max halves to one of 1e-324 in ~2100 steps
+        mid = 0.5 * lo + 0.5 * hi
+        wide = ((0.5 * hi.double() - 0.5 * lo.double()) / tau > _NARROW / 2) & (mid > lo)
+        wide &= mid < hi
+        if not bool(wide.any()):
+            break
+        up = torch.sigmoid(_offsets(x, mid, tau)).sum(-1, keepdim=True) > k.unsqueeze(-1)
+        lo = torch.where(wide & up, mid, lo)  # the threshold is above mid
+        hi = torch.where(wide & ~up, mid, hi)
+    narrow = (0.5 * hi.double() - 0.5 * lo.double()) / tau <= _NARROW / 2
+    above = (x >= hi).sum(-1, keepdim=True).to(k.dtype)
+    return torch.where(narrow | (above >= k.unsqueeze(-1)), hi, lo)
+
+
+def _solve_shifted(x: Tensor, k: Tensor, m: Tensor, mask: Tensor | None, tau: float) -> Tensor:
+    """Stage 2: safeguarded Newton in coordinates shifted near the threshold.
+
+    x: (r, n) unscaled scores, -inf where ``mask`` (r, n) is 0; k: (r,) targets with
+    0 < k < m; m: (r,) number of finite entries per row. Shifting by ``ref``
+    (:func:`_shift`, the midpoint of the k-th and (k+1)-th largest scores for an integer k)
+    before dividing by ``tau`` (:func:`_offsets`) makes the differences that decide the
+    weights near the threshold exact, however large ``|x|`` or ``|x / tau|`` is (even where
+    ``x / tau`` or a row's sum overflows): the projection is invariant to a shift of a row.
+    The bracket is recomputed in these coordinates and widened by a few ulps so that
+    rounding cannot exclude the root. Returns y: (r, n).
+    """
+    w = _offsets(x, _shift(x, k, m, tau), tau)
+    w_max = w.amax(-1)
     if mask is not None:
         w = torch.where(mask.bool(), w, torch.zeros_like(w))
         w_min = torch.where(mask.bool(), w, torch.full_like(w, math.inf)).amin(-1)
     else:
         w_min = w.amin(-1)
     c = torch.log(k / (m - k))
-    lo, hi = c - w_max, c - w_min
-    pad = 4 * torch.finfo(z.dtype).eps * (lo.abs() + hi.abs() + 1.0)
+    # The root lies within _NARROW + log(2n) + log(1 / min(k, m - k)) (a few hundred at
+    # most) of 0 (see _shift): a bracket bounded by _ROOT_BOUND takes no more than a few
+    # dozen bisections, whatever the span of the offsets.
+    lo = (c - w_max).clamp_min(-_ROOT_BOUND)
+    hi = (c - w_min).clamp_max(_ROOT_BOUND)
+    pad = 4 * torch.finfo(x.dtype).eps * (lo.abs() + hi.abs() + 1.0)
     lo, hi = lo - pad, hi + pad
     delta = torch.minimum(torch.maximum(torch.zeros_like(lo), lo), hi)
     y, _, _ = _newton(w, k, delta, lo, hi, _STAGE2_ITERS, mask)
     return y
 
 
-def _solve_nonfinite(z: Tensor, k: float, n: int) -> Tensor:
-    """Rows with +-inf scores: +inf is always selected, -inf never. z: (r, n)."""
-    pos, neg = z == math.inf, z == -math.inf
+def _solve_nonfinite(x: Tensor, k: float, n: int, tau: float) -> Tensor:
+    """Rows with +-inf scores: +inf is always selected, -inf never. x: (r, n) unscaled."""
+    pos, neg = x == math.inf, x == -math.inf
     finite = ~(pos | neg)
     p, m = pos.sum(-1), finite.sum(-1)
-    k_fin = k - p.to(z.dtype)  # what the finite entries must add up to
+    k_fin = k - p.to(x.dtype)  # what the finite entries must add up to
     if bool(((k_fin < 0) | (k_fin > m)).any()):
         raise ValueError(
             f"x has more +inf entries than k = {k} or more -inf entries than n - k in a row"
         )
-    m_safe = m.clamp(min=2).to(z.dtype)
+    m_safe = m.clamp(min=2).to(x.dtype)
     k_safe = torch.minimum(torch.maximum(k_fin, torch.full_like(k_fin, 0.5)), m_safe - 0.5)
-    zm = torch.where(finite, z, torch.full_like(z, -math.inf))
-    y = _solve_shifted(zm, k_safe, m_safe, finite.to(z.dtype))
+    xm = torch.where(finite, x, torch.full_like(x, -math.inf))
+    y = _solve_shifted(xm, k_safe, m_safe, finite.to(x.dtype), tau)
     fill = torch.where(k_fin <= 0, 0.0, torch.where(k_fin >= m, 1.0, -1.0)).unsqueeze(-1)
-    y = torch.where(fill >= 0, fill.to(z.dtype).expand_as(y) * finite, y)
+    y = torch.where(fill >= 0, fill.to(x.dtype).expand_as(y) * finite, y)
     return torch.where(pos, torch.ones_like(y), y)
 
 
@@ -218,7 +284,8 @@ def _forward_numpy(x: np.ndarray, k: int, tau: float) -> np.ndarray:
     stage 1 converges (the careful path runs in torch). No size check: meant for the small
     problems of the NumPy refit, whose operations cost about a microsecond each."""
     n = x.shape[-1]
-    flat = (x / x.dtype.type(tau) if tau != 1.0 else x).reshape(-1, n)
+    with np.errstate(all="ignore"):  # a float32 tau may underflow: the careful path then
+        flat = (x / x.dtype.type(tau) if tau != 1.0 else x).reshape(-1, n)
     dtype = torch.float32 if x.dtype == np.float32 else torch.float64
     y, g = _stage1_arrays(flat, k, n, _STAGE1_ITERS[dtype])
     if not float(np.abs(g).max(initial=0.0)) <= _RTOL[dtype] * max(1.0, float(k)):
@@ -292,41 +359,43 @@ def _stage1_row(z: np.ndarray, k: float, n: int, iters: int) -> tuple[np.ndarray
 
 def _forward(x: Tensor, k: float, tau: float, max_iter: int | None) -> Tensor:
     n = x.shape[-1]
-    work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    flat = (work / tau if tau != 1.0 else work).reshape(-1, n)
+    work = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).reshape(-1, n)
     if k == n:
-        if bool(torch.isnan(flat).any() | (flat == -math.inf).any()):
+        if bool(torch.isnan(work).any() | (work == -math.inf).any()):
             raise ValueError(f"x contains NaN or -inf but k = n = {n} selects every entry")
         return torch.ones_like(x)
+    # x / tau may overflow (or, in float32, tau underflow) for finite x: such rows do not
+    # converge in stage 1 and are solved from the unscaled x by the careful path.
+    flat = work / tau if tau != 1.0 else work
     tol = _RTOL[flat.dtype] * max(1.0, float(k))
     iters = _STAGE1_ITERS[flat.dtype] if max_iter is None else max_iter
     if flat.device.type == "cpu" and flat.numel() <= _SMALL:
         y, g = _stage1_numpy(flat, k, n, iters)
     else:
-        work = torch.empty_like(flat)
-        stats = _row_stats(flat, work)
+        buf = torch.empty_like(flat)
+        stats = _row_stats(flat, buf)
         nu, lo, hi = _initial_guess(flat, k, n, stats)
-        y, g, _ = _newton(flat, k, nu, lo, hi, iters, work=work)
+        y, g, _ = _newton(flat, k, nu, lo, hi, iters, work=buf)
     # The one host sync: NaN/inf scores give NaN residuals and fail the test too.
     if not float(g.abs().max()) <= tol:
-        y = _careful(flat, y, g, k, n, tol)
+        y = _careful(work, y, g, k, n, tol, tau)
     return y.reshape(x.shape).to(x.dtype)
 
 
-def _careful(flat: Tensor, y: Tensor, g: Tensor, k: float, n: int, tol: float) -> Tensor:
-    """Rows that stage 1 left unconverged: +-inf scores, NaN (an error), or hard inputs."""
-    finite_rows = torch.isfinite(flat).all(-1)
+def _careful(x: Tensor, y: Tensor, g: Tensor, k: float, n: int, tol: float, tau: float) -> Tensor:
+    """Rows that stage 1 left unconverged: +-inf scores, NaN (an error), or hard inputs
+    (a staircase of saturated sigmoids, scores whose sum or quotient by tau overflows).
+    x: (r, n) the unscaled scores."""
+    finite_rows = torch.isfinite(x).all(-1)
     if not bool(finite_rows.all()):
-        if bool(torch.isnan(flat).any()):
-            raise ValueError(
-                f"x contains NaN (shape {tuple(flat.shape)}); lml needs ordered scores"
-            )
+        if bool(torch.isnan(x).any()):
+            raise ValueError(f"x contains NaN (shape {tuple(x.shape)}); lml needs ordered scores")
         rows = (~finite_rows).nonzero().squeeze(-1)
-        y = y.index_copy(0, rows, _solve_nonfinite(flat[rows], k, n))
+        y = y.index_copy(0, rows, _solve_nonfinite(x[rows], k, n, tau))
     rows = (finite_rows & ~(g.abs() <= tol)).nonzero().squeeze(-1)
     if rows.numel():
-        k_t = torch.full((rows.numel(),), float(k), dtype=flat.dtype, device=flat.device)
-        y_rows = _solve_shifted(flat[rows], k_t, torch.full_like(k_t, n), None)
+        k_t = torch.full((rows.numel(),), float(k), dtype=x.dtype, device=x.device)
+        y_rows = _solve_shifted(x[rows], k_t, torch.full_like(k_t, n), None, tau)
         y = y.index_copy(0, rows, y_rows)
         err = float((y_rows.sum(-1) - k).abs().max())
         if err > tol:
@@ -347,6 +416,9 @@ def _vjp(y: Tensor, grad: Tensor, tau: float) -> Tensor:
     """
     h = torch.addcmul(y, y, y, value=-1.0)  # y (1 - y)
     hsum = h.sum(-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
+    if tau < torch.finfo(y.dtype).tiny:  # tau is 0 in y's dtype: divide in float64
+        ratio = (h * grad).sum(-1, keepdim=True) / hsum
+        return ((grad - ratio) * h).double().div(tau).to(y.dtype)
     if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
         ratio = (h * grad).sum(-1, keepdim=True) / hsum
         out = (grad - ratio) * h
@@ -405,7 +477,10 @@ def lml(x: Tensor, k: float, tau: float = 1.0, *, max_iter: int | None = None) -
 
     Returns:
         y: shape ``(..., n)``, ``0 <= y <= 1`` and ``sum(y, -1) = k`` to about
-        ``1e-11 * max(1, k)`` in float64 and ``1e-5 * max(1, k)`` in float32.
+        ``1e-11 * max(1, k)`` in float64 and ``1e-5 * max(1, k)`` in float32. Finite
+        scores give a finite answer however large (up to the dtype's limit) or however
+        small ``tau`` is; the gradient is finite unless its true value exceeds the
+        dtype's range (``tau`` below about ``1 / finfo.max``).
 
     Gradients are the closed-form implicit ones (O(n), never through the solver).
     Works under ``torch.func`` (``vmap``, ``grad``, ``vjp``, ``jacrev``). Under
