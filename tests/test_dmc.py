@@ -331,8 +331,8 @@ def test_eval_of_both_planners_draws_the_box_plot(phase1, phase2, tmp_path) -> N
     assert "trajectories per decision" in done.stderr
     assert plot.read_bytes().startswith(b"\x89PNG")
     # other planner sizes for the evaluation, recorded in the file name and the record
-    done = _cli("eval", phase2, "--episodes", "1", "--planner", "cem", "--candidates", "30",
-                "--elites", "3", "--iterations", "2")  # fmt: skip
+    done = _cli("eval", phase2, "--episodes", "1", "--planner", "cem", "--plan-samples", "30",
+                "--plan-elites", "3", "--plan-iter", "2")  # fmt: skip
     assert json.loads(done.stdout)["trajectories_per_decision"] == 60
     assert (phase2 / "eval" / "cem-30x2.json").is_file()
     assert len(dmc.eval_records([phase2])) == 3  # what --plot draws: every record kept
@@ -353,3 +353,115 @@ def test_compare_plans_rates_both_planners_plans_under_the_model(phase1, phase2)
     assert result["zero"]["saturated_fraction"] == 0.0
     with pytest.raises(ValueError, match="--planner latent"):
         dmc.compare_plans(phase1)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--lr", "inf"], "lr"),
+        (["--free-nats", "nan"], "free_nats"),
+        (["--explore-noise", "nan"], "explore_noise"),
+        (["--reward-scale", "-1"], "reward_scale"),
+        (["--device", "meta"], "--device"),
+        (["--device", "cuda:7"], "--device"),
+        (["--device", "nonsense"], "--device"),
+        (["--task", "cheetah-fly"], "--task"),
+        (["--planner", "mppi"], "--planner"),
+        (["--plan-elites", "400"], "plan_elites"),
+    ],
+)
+def test_bad_train_options_exit_2_with_one_line_and_write_nothing(
+    args: list[str], named: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    done = _cli("train", *QUICK, "--out", out, *args, timeout=60)
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert named in last and "Traceback" not in done.stderr, done.stderr
+    assert not out.exists()
+
+
+def test_a_wrong_init_from_leaves_no_folder_that_blocks_the_corrected_command(
+    phase1: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "phase2"
+    wrong = _cli("train", *PHASE2, "--init-from", tmp_path / "nowhere", "--out", out,
+                 "--env-steps", "200")  # fmt: skip
+    assert wrong.returncode == 2 and "--init-from" in wrong.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in wrong.stderr
+    assert not (out / "config.json").exists()
+    right = _cli("train", *PHASE2, "--init-from", phase1, "--out", out, "--env-steps", "200")
+    assert right.returncode == 0, right.stderr
+
+
+def test_a_hand_edited_config_is_refused_by_eval_in_one_line(phase1: Path, tmp_path: Path) -> None:
+    out = _copy(phase1, tmp_path / "run")
+    record = json.loads((out / "config.json").read_text())
+    for value in ("many", -3):
+        record["config"]["plan_samples"] = value
+        (out / "config.json").write_text(json.dumps(record))
+        done = _cli("eval", out, "--episodes", "1")
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert "plan_samples" in done.stderr.strip().splitlines()[-1]
+    (out / "config.json").write_text("{not json")
+    done = _cli("eval", out, "--episodes", "1")
+    assert done.returncode == 2 and "config.json" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_unwritable_out_is_refused_in_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    done = _cli("train", *QUICK, "--out", blocker / "run", timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "--out" in done.stderr.strip().splitlines()[-1]
+
+
+def test_quiet_by_default_and_help_lists_the_tasks(tmp_path: Path) -> None:
+    done = _cli("train", "-h")
+    assert done.returncode == 0 and "cheetah-run" in done.stdout and "walker-walk" in done.stdout
+    done = _cli("train", *QUICK, "--env-steps", "200", "--out", tmp_path / "run")
+    assert done.returncode == 0, done.stderr
+    for chatter in ("OpenGL", "MuJoCo library version", "settotalmass"):
+        assert chatter not in done.stderr, done.stderr
+
+
+def _children(pid: int) -> set[int]:
+    """Every descendant of ``pid`` in the process table (Linux /proc)."""
+    found, frontier = set(), [pid]
+    while frontier:
+        parent = frontier.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*/children"):
+            for child in map(int, task.read_text().split()):
+                if child not in found:
+                    found.add(child)
+                    frontier.append(child)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_ends_cleanly_and_resumes(sig: int, tmp_path: Path) -> None:
+    args = [*QUICK, "--env-steps", "1000", "--eval-every", "600"]
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "dcem", "dmc", "train", *args, "--out", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())  # fmt: skip
+    deadline = time.monotonic() + 90
+    while not (out / "ckpt" / "latest.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    children = _children(proc.pid)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0, "the run ended before it could be interrupted"
+    assert "Traceback" not in stderr, stderr
+    if sig == signal.SIGINT:
+        assert stderr.strip().splitlines()[-1].startswith("interrupted"), stderr
+    assert not [p for p in children if Path(f"/proc/{p}").exists()]
+    resumed = _cli("train", *args, "--out", out)
+    assert resumed.returncode == 0 and "resumed" in resumed.stderr, resumed.stderr
+    straight = tmp_path / "straight"
+    assert _cli("train", *args, "--out", straight).returncode == 0
+    assert _without_time(_rows(out)) == _without_time(_rows(straight))

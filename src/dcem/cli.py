@@ -1,27 +1,34 @@
 """The ``dcem`` command: parses options and calls the experiments.
 
     dcem regression [--quick] [--out DIR] [--methods gd,dcem] [--seeds 0,1,2] [--updates N]
-                    [--workers N] [--plot-only]
+                    [--workers N] [--overwrite] [--plot-only]
     dcem cartpole [--quick | --grid] [--out DIR] [--latent-dims 2,8,16] [--taus 1,0.1,0]
-                  [--seeds 0,1,2] [--iterations N] [--horizon H] [--workers N] [--plot-only]
+                  [--seeds 0,1,2] [--updates N] [--horizon H] [--workers N] [--overwrite]
+                  [--plot-only]
     dcem dmc train [--quick] [--out DIR] [--task cheetah-run] [--planner cem] [--CONFIG-FIELD V]
     dcem dmc eval RUN_DIR [RUN_DIR ...] [--episodes N] [--planner cem,latent] [--video]
                   [--candidates N --elites K --iterations T] [--plot PATH]
 
 Each subcommand is one entry of ``_COMMANDS``: a function adding its options to a subparser
-and a function running it. Bad option values exit with status 2 and a one-line message naming
-the option (``argparse``'s ``parser.error``), before anything is written.
+and a function running it, which imports what it needs (building the parser imports neither
+torch nor an experiment: ``dcem --help`` is fast). Bad option values exit with status 2 and a
+one-line message naming the option (``parser.error``), before anything is written; so do run
+folders that cannot be used and damaged checkpoints, with a hint how to go on. SIGINT and
+SIGTERM stop the run and its workers with one line; the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["build_parser", "main"]
 
@@ -71,39 +78,51 @@ def _choice_list(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
 
 # --------------------------------------------------------------------------- regression
 
+# The parser shows these defaults without importing the experiment (and torch); a test checks
+# them against RegressionConfig and CartpoleConfig.
+_REGRESSION_METHODS = ("gd", "dcem")
+_REGRESSION_DEFAULTS = {"n_updates": 60_000, "eval_every": 100, "checkpoint_every": 3_000}
+
 
 def _add_regression(parser: argparse.ArgumentParser) -> None:
-    from dcem.experiments import regression
-
     parser.add_argument(
-        "--out", type=Path, default=Path("runs/regression"), help="run folder (resumed if it "
-        "holds an unfinished run of the same config; default: %(default)s)"
+        "--out", type=Path, default=None, help="run folder (resumed if it holds an unfinished "
+        "run of the same config; default: runs/regression, runs/regression-quick with --quick)"
     )  # fmt: skip
     parser.add_argument(
         "--quick", action="store_true", help="tiny budget exercising every step (2 seeds, 300 "
         "updates, ablation at 1,5,10,15,20); options given explicitly still apply"
     )  # fmt: skip
     parser.add_argument(
-        "--methods", type=_choice_list(regression.METHODS), help="inner optimizers "
-        f"(default: {','.join(regression.METHODS)})"
+        "--methods", type=_choice_list(_REGRESSION_METHODS), help="inner optimizers "
+        f"(default: {','.join(_REGRESSION_METHODS)})"
     )  # fmt: skip
     parser.add_argument("--seeds", type=_seed_list, help="seeds, e.g. 0,1,2 (default: 0,1,2)")
-    defaults = regression.RegressionConfig()
+    defaults = _REGRESSION_DEFAULTS
     parser.add_argument(
         "--updates", type=_positive_int,
-        help=f"Adam updates per job ({defaults.n_updates})",
+        help=f"Adam updates per job ({defaults['n_updates']})",
     )  # fmt: skip
     parser.add_argument(
         "--eval-every", type=_positive_int,
-        help=f"updates between full-data MSE logs ({defaults.eval_every})",
+        help=f"updates between full-data MSE logs ({defaults['eval_every']})",
     )  # fmt: skip
     parser.add_argument(
         "--checkpoint-every", type=_positive_int,
-        help=f"updates between checkpoints ({defaults.checkpoint_every})",
+        help=f"updates between checkpoints ({defaults['checkpoint_every']})",
     )  # fmt: skip
+    _add_run_options(parser, "job")
+
+
+def _add_run_options(parser: argparse.ArgumentParser, job: str) -> None:
+    """--workers, --overwrite and --plot-only, shared by regression and cartpole."""
     parser.add_argument(
-        "--workers", type=_positive_int, default=2, help="parallel job processes (default: 2)"
+        "--workers", type=_positive_int, default=2, help=f"parallel {job} processes (default: 2)"
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete the dcem run in --out first (a "
+        "folder whose config.json names a dcem experiment; others are refused)"
+    )  # fmt: skip
     parser.add_argument(
         "--plot-only", action="store_true", help="redraw the figures of --out from its result "
         "files; runs nothing"
@@ -126,35 +145,77 @@ def _regression_config(args: argparse.Namespace) -> Any:
     return dataclasses.replace(regression.RegressionConfig(), **overrides)
 
 
-def _run_regression(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from dcem.experiments import common, regression
+def _regression_out(args: argparse.Namespace) -> Path:
+    if args.out is not None:
+        return Path(args.out)
+    return Path("runs/regression" + ("-quick" if args.quick else ""))
 
+
+def _run_regression(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from dcem.experiments import regression
+
+    out = _regression_out(args)
     if args.plot_only:
-        if not (args.out / "summary.json").is_file():
-            parser.error(f"argument --plot-only: {args.out} has no summary.json to plot from")
-        for path in regression.plot(args.out):
-            log.info("wrote %s", path)
-        return 0
+        return _plot_only(regression.plot, out, args, parser)
     try:
         cfg = _regression_config(args)
     except ValueError as err:
         parser.error(f"invalid options: {err}")
-    try:
-        regression.check_out_folder(args.out, cfg)
-        summary = regression.run(cfg, args.out, workers=args.workers)
-    except (regression.RunFolderError, common.FolderLockedError) as err:
-        parser.error(f"argument --out: {err}")
+    if cfg.eval_every > cfg.n_updates:
+        log.warning(
+            "--eval-every %d > --updates %d: no train MSE will be logged (no convergence.png)",
+            cfg.eval_every, cfg.n_updates,
+        )  # fmt: skip
+    with _run_errors(parser):
+        summary = regression.run(cfg, out, workers=args.workers, overwrite=args.overwrite)
     for method in cfg.methods:
         log.info(
             "%s: final train MSE %.3g (mean over %d seeds), %.2f ms/update",
             method, summary["final_mse"][method] or float("nan"), len(cfg.seeds),
             summary["ms_per_update"][method],
         )  # fmt: skip
-    log.info("results in %s", args.out)
+    log.info("results in %s", out)
     return 0
 
 
+def _plot_only(
+    plot: Callable[[Path], list[Path]], out: Path, args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+) -> int:  # fmt: skip
+    """``--plot-only``: redraw the figures of ``out``; a folder without them exits 2."""
+    from dcem.experiments import common
+
+    if args.overwrite:
+        parser.error("argument --overwrite: not allowed with --plot-only (which runs nothing)")
+    try:
+        paths = plot(out)
+    except common.RunFolderError as err:
+        parser.error(f"argument --plot-only: {err}")
+    for path in paths:
+        log.info("wrote %s", path)
+    return 0
+
+
+@contextlib.contextmanager
+def _run_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """Turn the run-folder problems of a run into one line and exit status 2: a folder that
+    cannot be used (naming how to go on), one in use, a damaged checkpoint."""
+    from dcem.experiments import common
+
+    try:
+        yield
+    except common.CheckpointError as err:
+        parser.error(
+            f"argument --out: {err}; delete that file to redo its job from the start, or rerun "
+            "with --overwrite to start the whole run over"
+        )
+    except (common.RunFolderError, common.FolderLockedError) as err:
+        parser.error(f"argument --out: {err}")
+
+
 # --------------------------------------------------------------------------- cartpole
+
+_CARTPOLE_DEFAULTS = {"n_iter": 10_000, "horizon": 20}
 
 
 def _positive_int_list(text: str) -> tuple[int, ...]:
@@ -187,9 +248,7 @@ def _tau_list(text: str) -> tuple[float, ...]:
 
 
 def _add_cartpole(parser: argparse.ArgumentParser) -> None:
-    from dcem.experiments import cartpole
-
-    default = cartpole.CartpoleConfig()
+    default = _CARTPOLE_DEFAULTS
     parser.add_argument(
         "--out", type=Path, help="run folder (resumed if it holds an unfinished run of the same "
         "config; default: runs/cartpole, runs/cartpole-grid with --grid, runs/cartpole-quick "
@@ -198,7 +257,7 @@ def _add_cartpole(parser: argparse.ArgumentParser) -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument(
         "--quick", action="store_true", help="tiny budget exercising every step (d 2, tau 1 and "
-        "0, 2 seeds, 60 iterations, 20 validation states); explicit options still apply"
+        "0, 2 seeds, 60 updates, 20 validation states); explicit options still apply"
     )  # fmt: skip
     budget.add_argument(
         "--grid", action="store_true", help="the paper's grid: --latent-dims 2,8,16 --taus "
@@ -212,18 +271,16 @@ def _add_cartpole(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seeds", type=_seed_list, help="seeds, e.g. 0,1,2 (default: 0,1,2)")
     parser.add_argument(
-        "--iterations", type=_positive_int, help=f"training updates per run ({default.n_iter})"
-    )
-    parser.add_argument(
-        "--horizon", type=_positive_int, help=f"planning horizon H ({default.horizon})"
-    )
-    parser.add_argument(
-        "--workers", type=_positive_int, default=2, help="parallel run processes (default: 2)"
-    )
-    parser.add_argument(
-        "--plot-only", action="store_true", help="redraw the figures of --out from its result "
-        "files; runs nothing"
+        "--updates", type=_positive_int,
+        help=f"decoder updates (training iterations) per run ({default['n_iter']})",
     )  # fmt: skip
+    parser.add_argument(  # the old name of --updates, kept for old command lines
+        "--iterations", type=_positive_int, dest="iterations", help=argparse.SUPPRESS
+    )
+    parser.add_argument(
+        "--horizon", type=_positive_int, help=f"planning horizon H ({default['horizon']})"
+    )
+    _add_run_options(parser, "run")
 
 
 def _cartpole_config(args: argparse.Namespace) -> Any:
@@ -233,7 +290,7 @@ def _cartpole_config(args: argparse.Namespace) -> Any:
         "latent_dims": args.latent_dims,
         "taus": args.taus,
         "seeds": args.seeds,
-        "n_iter": args.iterations,
+        "n_iter": args.updates if args.updates is not None else args.iterations,
         "horizon": args.horizon,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
@@ -251,24 +308,21 @@ def _cartpole_out(args: argparse.Namespace) -> Path:
 
 
 def _run_cartpole(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from dcem.experiments import cartpole, common
+    from dcem.experiments import cartpole
 
     out = _cartpole_out(args)
     if args.plot_only:
-        if not (out / "summary.json").is_file():
-            parser.error(f"argument --plot-only: {out} has no summary.json to plot from")
-        for path in cartpole.plot(out):
-            log.info("wrote %s", path)
-        return 0
+        return _plot_only(cartpole.plot, out, args, parser)
+    if args.iterations is not None:
+        if args.updates is not None:
+            parser.error("argument --iterations: the old name of --updates; give only --updates")
+        log.warning("--iterations is deprecated: it is now called --updates")
     try:
         cfg = _cartpole_config(args)
     except ValueError as err:
         parser.error(f"invalid options: {err}")
-    try:
-        cartpole.check_out_folder(out, cfg)
-        summary = cartpole.run(cfg, out, workers=args.workers)
-    except (cartpole.RunFolderError, common.FolderLockedError) as err:
-        parser.error(f"argument --out: {err}")
+    with _run_errors(parser):
+        summary = cartpole.run(cfg, out, workers=args.workers, overwrite=args.overwrite)
     log.info("expert reward %.3f (mean over the validation set)", summary["expert_reward"])
     for group in summary["improvement_factor"]:
         log.info(
@@ -284,7 +338,7 @@ def _run_cartpole(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def _add_dmc(parser: argparse.ArgumentParser) -> None:
-    from dcem.experiments import dmc
+    from dcem.experiments import dmc_config as dmc  # the options alone: no torch import
 
     sub = parser.add_subparsers(dest="dmc_command", required=True, metavar="ACTION")
     train = sub.add_parser("train", help="train a world model and planner (Algorithm 3)")
@@ -295,6 +349,10 @@ def _add_dmc(parser: argparse.ArgumentParser) -> None:
                        "every step (the smoke test)")  # fmt: skip
     train.add_argument("--threads", type=_positive_int, default=None,
                        help="torch threads (default: torch's, one per core)")  # fmt: skip
+    train.add_argument("--tensorboard", action="store_true", help="also log every metrics.csv "
+                       "row to OUT/tensorboard (needs the tensorboard package)")  # fmt: skip
+    train.add_argument("--verbose", action="store_true", help="show dm_control's and "
+                       "MuJoCo's own log lines")  # fmt: skip
     for f in dataclasses.fields(dmc.DMCConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
@@ -302,7 +360,10 @@ def _add_dmc(parser: argparse.ArgumentParser) -> None:
                                help=f.metadata["help"] + f" (default: {f.default})")  # fmt: skip
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
-        train.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
+        choices = {"task": sorted(dmc.TASKS), "planner": dmc.PLANNERS,
+                   "dcem_backward": dmc.BACKWARDS}.get(f.name)  # fmt: skip
+        train.add_argument(flag, type=kind, default=None, choices=choices,
+                           metavar=f.name.upper() if choices is None else None,
                            help=f.metadata["help"] + f" (default: {f.default})")  # fmt: skip
     evaluate = sub.add_parser("eval", help="evaluate a run's latest checkpoint; returns to JSON")
     evaluate.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="run folder(s)")
@@ -311,10 +372,11 @@ def _add_dmc(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--planner", type=_choice_list(dmc.PLANNERS), default=None,
                           help="planner(s) to act with, e.g. cem,latent (default: the run's "
                           "own)")  # fmt: skip
-    for flag, what in (("--candidates", "candidates"), ("--elites", "elites"),
-                       ("--iterations", "iterations")):  # fmt: skip
-        evaluate.add_argument(flag, type=_positive_int, default=None,
-                              help=f"planner {what} per decision (default: the run's)")  # fmt: skip
+    for flag, what in (("--plan-samples", "candidates per iteration"),
+                       ("--plan-elites", "elites per iteration"),
+                       ("--plan-iter", "iterations per decision")):  # fmt: skip
+        evaluate.add_argument(flag, type=_positive_int, default=None, help=f"planner {what} "
+                              "(CEM or latent DCEM; default: the run's)")  # fmt: skip
     evaluate.add_argument("--plot", type=Path, default=None, help="also draw a box plot of "
                           "every record in the runs' eval/ folders (paper fig. 4)")  # fmt: skip
     evaluate.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -339,7 +401,7 @@ def _add_dmc(parser: argparse.ArgumentParser) -> None:
 
 
 def _dmc_config(args: argparse.Namespace) -> Any:
-    from dcem.experiments import dmc
+    from dcem.experiments import dmc_config as dmc
 
     values: dict[str, Any] = dict(dmc.QUICK) if args.quick else {}
     for f in dataclasses.fields(dmc.DMCConfig):
@@ -368,9 +430,20 @@ def _choose_gl_backend() -> None:
 def _run_dmc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import json
 
-    from dcem.experiments import common, dmc
-
     _choose_gl_backend()
+    if not getattr(args, "verbose", False):  # dm_control's and PyOpenGL's chatter
+        for name in ("absl", "OpenGL"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    device = getattr(args, "device", None)
+    if device is not None:
+        from dcem.experiments.dmc_config import check_device
+
+        try:
+            check_device(device)
+        except ValueError as err:
+            parser.error(f"argument --device: {err}")
+
+    from dcem.experiments import common, dmc
 
     if args.dmc_command == "diagnose":
         from dcem.experiments import diagnose
@@ -387,9 +460,10 @@ def _run_dmc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                          indent=1))  # fmt: skip
         return 0
     if args.dmc_command == "eval":
-        sizes = (args.candidates, args.elites, args.iterations)
+        sizes = (args.plan_samples, args.plan_elites, args.plan_iter)
         if any(v is not None for v in sizes) and None in sizes:
-            parser.error("arguments --candidates, --elites, --iterations: give all three or none")
+            parser.error("arguments --plan-samples, --plan-elites, --plan-iter: give all three "
+                         "or none")  # fmt: skip
         records = []
         for run in args.runs:
             for planner in args.planner or (None,):
@@ -419,10 +493,19 @@ def _run_dmc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            parser.error("argument --tensorboard: the tensorboard package is not installed "
+                         "(pip install tensorboard)")  # fmt: skip
     try:
-        summary = dmc.train(cfg, out)
+        summary = dmc.train(cfg, out, tensorboard=args.tensorboard)
     except (dmc.RunFolderError, common.FolderLockedError, common.CheckpointError) as err:
-        parser.error(f"argument --out: {err}")
+        where = "--init-from" if str(err).startswith("init_from") else "--out"
+        parser.error(f"argument {where}: {err}")
+    except OSError as err:
+        parser.error(f"argument --out: cannot write the run folder {out}: {err}")
     log.info(
         "final evaluation return %s after %d env steps (%.0f s); results in %s",
         summary["final_eval_return"], summary["env_steps"], summary["wall_seconds"], out,
@@ -451,11 +534,28 @@ _COMMANDS: dict[str, tuple[str, Callable[..., None], Callable[..., int]]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (no usage block) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith(("the following arguments are required", "unrecognized argu",
+                               "argument COMMAND", "argument ACTION")):  # fmt: skip
+            message += f" (see {self.prog} --help)"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``dcem`` parser with one subparser per entry of ``_COMMANDS``."""
-    parser = argparse.ArgumentParser(
+    """The ``dcem`` parser with one subparser per entry of ``_COMMANDS``.
+
+    Building it imports no experiment, torch or matplotlib: a handler imports what its
+    command needs when it runs.
+    """
+    import dcem  # the package alone: its names load on first use
+
+    parser = _Parser(
         prog="dcem", description="The Differentiable Cross-Entropy Method: paper reproductions."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {dcem.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, handler) in _COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
@@ -464,12 +564,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Interrupted(KeyboardInterrupt):
+    """Raised in the main thread by SIGINT or SIGTERM while a command runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    # Further signals are ignored while the interrupted command stops its workers.
+    for name in ("SIGINT", "SIGTERM"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise _Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`_Interrupted` in the body (main thread only); the
+    previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = ("SIGINT", "SIGTERM")
+    previous = {name: signal.signal(getattr(signal, name), _on_signal) for name in names}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), signal.SIG_DFL if handler is None else handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``dcem`` command; returns the exit status (2 for bad options)."""
+    """Run the ``dcem`` command; returns the exit status (2 for bad options or folders).
+
+    SIGINT (Ctrl-C) and SIGTERM end the run with one line: the workers are stopped, the
+    checkpoints kept, and the same command resumes (status 130 or 143).
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        return int(args.handler(args, args.command_parser))
-    except KeyboardInterrupt:
+        with _signals_interrupt():
+            return int(args.handler(args, args.command_parser))
+    except KeyboardInterrupt as err:
         log.error("interrupted; rerun the same command to resume")
-        return 130
+        return 128 + (err.signum if isinstance(err, _Interrupted) else signal.SIGINT)

@@ -31,10 +31,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +42,11 @@ from torch import Tensor
 
 from dcem.experiments import common
 from dcem.experiments.common import CheckpointError, RunFolderError
+from dcem.experiments.dmc_config import (
+    DEFAULTS,
+    PLANNERS,
+    DMCConfig,
+)
 from dcem.world import (
     RSSM,
     TASKS,
@@ -56,7 +59,6 @@ from dcem.world import (
     make_env,
     plan,
     plan_latent,
-    task_spec,
 )
 
 __all__ = [
@@ -77,8 +79,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "dmc"
-PLANNERS = ("cem", "latent")
-BACKWARDS = ("full", "checkpoint", "pruned")
 CKPT_VERSION = 2
 """Checkpoint format: 2 added the observation statistics (``RSSM.obs_loc`` etc.)."""
 METRIC_FIELDS = [
@@ -91,196 +91,34 @@ evaluation point, ``return`` the mean and ``return_std`` the standard deviation 
 episodes, ``eval_returns`` each episode's return (space-separated)."""
 
 
-# --------------------------------------------------------------------------- config
-
-
-def _doc(text: str) -> Any:
-    return {"help": text}
-
-
-@dataclass(frozen=True)
-class DMCConfig:
-    """Resolved settings of one training run; defaults are the paper's (PlaNet's) values."""
-
-    task: str = field(default="cheetah-run", metadata=_doc("control-suite task"))
-    planner: str = field(
-        default="cem",
-        metadata=_doc(
-            "planner used to act: cem (full action space, phase 1) or latent (latent DCEM over a "
-            "learned action decoder, phase 2)"
-        ),
-    )
-    seed: int = field(default=0, metadata=_doc("seed of episodes, model init and planner"))
-    env_steps: int = field(default=1_000_000, metadata=_doc("environment steps to train for"))
-    action_repeat: int = field(default=0, metadata=_doc("0: the task's PlaNet value"))
-    episode_steps: int = field(default=1000, metadata=_doc("environment steps per episode"))
-    seed_episodes: int = field(default=5, metadata=_doc("random-action episodes first"))
-    update_every: int = field(default=1000, metadata=_doc("env steps between model rounds"))
-    updates_per_round: int = field(default=100, metadata=_doc("model updates per round"))
-    batch_size: int = field(default=50, metadata=_doc("sequences per model batch"))
-    seq_len: int = field(default=50, metadata=_doc("steps per sequence"))
-    lr: float = field(default=1e-3, metadata=_doc("Adam learning rate"))
-    adam_eps: float = field(default=1e-4, metadata=_doc("Adam epsilon"))
-    grad_clip: float = field(default=1000.0, metadata=_doc("gradient-norm clip"))
-    free_nats: float = field(
-        default=1.0, metadata=_doc("KL free nats, clamped per (time, batch) element as PlaNet")
-    )
-    reward_scale: float = field(
-        default=10.0, metadata=_doc("weight of the reward term of the bound (PlaNet: 10)")
-    )
-    deter_size: int = field(default=200, metadata=_doc("GRU units"))
-    stoch_size: int = field(default=30, metadata=_doc("stochastic state size"))
-    hidden_size: int = field(default=200, metadata=_doc("units of every other layer"))
-    horizon: int = field(default=12, metadata=_doc("planning horizon (agent steps)"))
-    plan_iter: int = field(
-        default=8, metadata=_doc("CEM iterations per decision (paper: 10; 8 for a CPU)")
-    )
-    plan_samples: int = field(
-        default=300, metadata=_doc("CEM candidates per iteration (paper: 1000; 300 for a CPU)")
-    )
-    plan_elites: int = field(
-        default=30, metadata=_doc("CEM elites per iteration (paper: 100; 30 for a CPU)")
-    )
-    plan_sample: bool = field(
-        default=False,
-        metadata=_doc("imagine with samples of the prior (PlaNet) instead of its mean"),
-    )
-    explore_noise: float = field(default=0.3, metadata=_doc("std of the exploration noise"))
-    eval_every: int = field(default=10_000, metadata=_doc("env steps between evaluations"))
-    eval_episodes: int = field(default=5, metadata=_doc("episodes per evaluation"))
-    video: bool = field(default=True, metadata=_doc("render eval.gif at the end"))
-    init_from: str = field(
-        default="",
-        metadata=_doc(
-            "phase-1 run folder to start from (its latest checkpoint): model, optimizer, replay"
-        ),
-    )
-    keep_replay: bool = field(default=True, metadata=_doc("with init_from: keep its replay"))
-    reinit_model: bool = field(
-        default=False,
-        metadata=_doc("with init_from: re-initialize the world model instead of loading it"),
-    )
-    latent_dim: int = field(default=2, metadata=_doc("latent planner: latent dimension"))
-    latent_samples: int = field(default=100, metadata=_doc("latent planner: DCEM candidates"))
-    latent_elites: int = field(default=10, metadata=_doc("latent planner: DCEM soft elites"))
-    latent_iter: int = field(default=10, metadata=_doc("latent planner: DCEM iterations"))
-    latent_tau: float = field(default=1.0, metadata=_doc("latent planner: DCEM temperature"))
-    decoder_hidden: int = field(default=200, metadata=_doc("decoder hidden units (2 layers)"))
-    decoder_lr: float = field(default=1e-3, metadata=_doc("decoder Adam learning rate"))
-    decoder_every: int = field(
-        default=1, metadata=_doc("a decoder update after every this many model updates (paper: 1)")
-    )
-    decoder_batch: int = field(
-        default=16, metadata=_doc("belief states from the replay batch per decoder update")
-    )
-    decoder_warmup: int = field(
-        default=0, metadata=_doc("decoder updates on the replay before the first episode")
-    )
-    dcem_backward: str = field(
-        default="full",
-        metadata=_doc(
-            "backward mode of dcem.dcem for the decoder update: full, checkpoint or pruned"
-        ),
-    )
-    device: str = field(default="cpu", metadata=_doc("torch device of model and planner"))
-
-    def __post_init__(self) -> None:
-        task_spec(self.task)  # unknown names raise, listing the known ones
-        if self.planner not in PLANNERS:
-            raise ValueError(f"planner must be one of {', '.join(PLANNERS)}, got {self.planner!r}")
-        for name in ("env_steps", "episode_steps", "update_every", "updates_per_round",
-                     "batch_size", "seq_len", "deter_size", "stoch_size", "hidden_size",
-                     "horizon", "plan_iter", "plan_samples", "plan_elites", "eval_every",
-                     "eval_episodes", "latent_dim", "latent_samples", "latent_elites",
-                     "latent_iter", "decoder_hidden", "decoder_every",
-                     "decoder_batch"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("action_repeat", "seed_episodes", "seed", "decoder_warmup"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{f.name} must be finite, got {value}")
-        for name in ("lr", "adam_eps", "grad_clip", "latent_tau", "decoder_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.reward_scale < 0:
-            raise ValueError(f"reward_scale must be >= 0, got {self.reward_scale}")
-        if self.free_nats < 0 or self.explore_noise < 0:
-            raise ValueError(
-                f"free_nats and explore_noise must be >= 0, got {self.free_nats}, "
-                f"{self.explore_noise}"
-            )
-        if self.plan_elites >= self.plan_samples:
-            raise ValueError(
-                f"plan_elites must be < plan_samples, got {self.plan_elites} >= {self.plan_samples}"
-            )
-        if self.latent_elites >= self.latent_samples:
-            raise ValueError(
-                f"latent_elites must be < latent_samples, got {self.latent_elites} >= "
-                f"{self.latent_samples}"
-            )
-        if self.dcem_backward not in BACKWARDS:
-            raise ValueError(
-                f"dcem_backward must be one of {', '.join(BACKWARDS)}, got {self.dcem_backward!r}"
-            )
-        if self.seq_len > self.agent_steps_per_episode + 1:
-            raise ValueError(
-                f"seq_len must be at most the {self.agent_steps_per_episode + 1} rows of an "
-                f"episode, got {self.seq_len}"
-            )
-        try:
-            torch.device(self.device)
-        except RuntimeError as err:
-            raise ValueError(f"device: {err}") from None
-
-    @property
-    def repeat(self) -> int:
-        """The action repeat in force (the task's PlaNet value when ``action_repeat`` is 0)."""
-        return self.action_repeat or task_spec(self.task).action_repeat
-
-    @property
-    def agent_steps_per_episode(self) -> int:
-        return math.ceil(self.episode_steps / self.repeat)
-
-    def to_json(self) -> dict[str, Any]:
-        """The fields as JSON values, ``device`` left out (a run may move between devices)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "device"}
-
-    def trajectories_per_decision(self, planner: str | None = None) -> int:
-        """Imagined trajectories one decision of ``planner`` (default: the run's) evaluates."""
-        if (planner or self.planner) == "latent":
-            return self.latent_samples * self.latent_iter
-        return self.plan_samples * self.plan_iter
-
-
-DEFAULTS = DMCConfig().to_json()
-"""Default values: they stand in for fields a run folder recorded before they existed."""
-
-QUICK = {
-    "latent_dim": 2, "latent_samples": 10, "latent_elites": 3, "latent_iter": 2,
-    "decoder_hidden": 16, "decoder_batch": 4, "env_steps": 600, "episode_steps": 200,
-    "seed_episodes": 1, "update_every": 100,
-    "updates_per_round": 3, "batch_size": 4, "seq_len": 8, "deter_size": 16, "stoch_size": 4,
-    "hidden_size": 16, "horizon": 3, "plan_iter": 2, "plan_samples": 20, "plan_elites": 4,
-    "eval_every": 400, "eval_episodes": 1,
-}  # fmt: skip
-"""Tiny budget exercising every step (the smoke test; ``dcem dmc train --quick``)."""
-
-
 def load_config(out: Path, **overrides: Any) -> DMCConfig:
     """The config recorded in ``out/config.json`` (with ``overrides``, e.g. the device)."""
     path = Path(out) / "config.json"
     if not path.is_file():
         raise RunFolderError(f"{out} has no config.json: not a dcem dmc run folder")
-    record = json.loads(path.read_text(encoding="utf-8"))
-    if record.get("experiment") != EXPERIMENT:
-        raise RunFolderError(f"{out} holds a {record.get('experiment')!r} run, not a dmc run")
-    known = {f.name for f in dataclasses.fields(DMCConfig)}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunFolderError(f"{path} is unreadable ({err})") from None
+    if not isinstance(record, dict) or record.get("experiment") != EXPERIMENT:
+        what = record.get("experiment") if isinstance(record, dict) else None
+        raise RunFolderError(f"{out} holds a {what!r} run, not a dmc run")
+    if not isinstance(record.get("config"), dict):
+        raise RunFolderError(f"{path} has no 'config' object")
+    known = {f.name: f for f in dataclasses.fields(DMCConfig)}
     values = {k: v for k, v in record["config"].items() if k in known}
-    return DMCConfig(**{**values, **overrides})
+    for name, value in values.items():
+        kind = str(known[name].type)
+        types: dict[str, type | tuple[type, ...]] = {
+            "int": int, "float": (int, float), "bool": bool, "str": str,
+        }  # fmt: skip
+        expected = types[kind]
+        if not isinstance(value, expected) or (kind == "int" and isinstance(value, bool)):
+            raise RunFolderError(f"{path}: config field {name!r} must be a {kind}, got {value!r}")
+    try:
+        return DMCConfig(**{**values, **overrides})
+    except ValueError as err:
+        raise RunFolderError(f"{path} holds an invalid config: {err}") from None
 
 
 # --------------------------------------------------------------------------- agent
@@ -551,10 +389,9 @@ def _evaluate_agent(
 # --------------------------------------------------------------------------- training
 
 
-def _init_from(agent: Agent, run: Path) -> None:
-    """Phase 2 start: the world model, its optimizer and (``keep_replay``) the replay of the
-    phase-1 run in ``run``; refuses a run of another task or other model sizes."""
-    cfg = agent.cfg
+def _check_init_from(cfg: DMCConfig) -> dict[str, Any]:
+    """The phase-1 checkpoint ``cfg.init_from`` names, loaded; errors name ``init_from``."""
+    run = Path(cfg.init_from)
     path = run / "ckpt" / "latest.pt"
     if not path.is_file():
         raise RunFolderError(f"init_from: {run} has no checkpoint (ckpt/latest.pt)")
@@ -568,6 +405,15 @@ def _init_from(agent: Agent, run: Path) -> None:
     if state.get("task") != cfg.task:
         raise CheckpointError(f"init_from: {path} is a run of task {state.get('task')!r}, "
                               f"not {cfg.task!r}")  # fmt: skip
+    return state
+
+
+def _init_from(agent: Agent, run: Path) -> None:
+    """Phase 2 start: the world model, its optimizer and (``keep_replay``) the replay of the
+    phase-1 run in ``run``; refuses a run of another task or other model sizes."""
+    cfg = agent.cfg
+    path = run / "ckpt" / "latest.pt"
+    state = _check_init_from(cfg)
     try:
         if not cfg.reinit_model:
             agent.model.load_state_dict(state["model"])
@@ -618,10 +464,18 @@ def check_out_folder(out: Path, cfg: DMCConfig) -> None:
     common.check_out_folder(out, EXPERIMENT, cfg.to_json(), DEFAULTS)
 
 
-def train(cfg: DMCConfig, out: Path, *, show_progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) the run in ``out``; returns the summary (also in ``summary.json``)."""
+def train(
+    cfg: DMCConfig, out: Path, *, show_progress: bool = True, tensorboard: bool = False
+) -> dict[str, Any]:
+    """Train (or resume) the run in ``out``; returns the summary (also in ``summary.json``).
+
+    ``tensorboard``: also write every ``metrics.csv`` row to ``out/tensorboard`` (needs the
+    ``tensorboard`` package).
+    """
     out = Path(out)
     check_out_folder(out, cfg)
+    if cfg.init_from and not (out / "ckpt" / "latest.pt").exists():
+        _check_init_from(cfg)  # before anything is written: a wrong path leaves no folder
     with common.lock_folder(out):
         if not (out / "config.json").exists():
             common.atomic_write_json(out / "config.json", common.run_record(EXPERIMENT,
@@ -631,8 +485,13 @@ def train(cfg: DMCConfig, out: Path, *, show_progress: bool = True) -> dict[str,
         try:
             agent = Agent(cfg, env)
             _resume(agent, out)
-            with _progress(cfg, agent.counters["env_step"], show_progress) as bar:
-                _train_loop(agent, env, out, bar)
+            writer = _tensorboard_writer(out) if tensorboard else None
+            try:
+                with _progress(cfg, agent.counters["env_step"], show_progress) as bar:
+                    _train_loop(agent, env, out, bar, writer)
+            finally:
+                if writer is not None:
+                    writer.close()
             summary = _finish(agent, env, out)
         finally:
             env.close()
@@ -655,7 +514,22 @@ def _warm_up_decoder(agent: Agent, out: Path) -> None:
         _save(agent, out, [])
 
 
-def _train_loop(agent: Agent, env: DMCEnv, out: Path, bar: Any) -> None:
+def _tensorboard_writer(out: Path) -> Any:
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def _log_rows(writer: Any, rows: list[dict[str, Any]]) -> None:
+    """Each numeric field of ``rows`` as a scalar ``phase/field`` at the row's env step."""
+    for row in rows:
+        for key, value in row.items():
+            if key not in ("env_step", "episode", "phase") and isinstance(value, int | float):
+                writer.add_scalar(f"{row['phase']}/{key}", value, int(row["env_step"]))
+    writer.flush()
+
+
+def _train_loop(agent: Agent, env: DMCEnv, out: Path, bar: Any, writer: Any = None) -> None:
     cfg, c = agent.cfg, agent.counters
     rows: list[dict[str, Any]] = []
     _warm_up_decoder(agent, out)
@@ -672,6 +546,8 @@ def _train_loop(agent: Agent, env: DMCEnv, out: Path, bar: Any) -> None:
         evaluated = last or c["env_step"] // cfg.eval_every > steps_before // cfg.eval_every
         if evaluated:
             rows.extend(_eval_rows(agent, env))
+        if writer is not None:
+            _log_rows(writer, rows)
         _save(agent, out, rows)
         if evaluated:  # the model at each evaluation point, for diagnose and phase 2
             snapshot = out / "ckpt" / f"env{c['env_step']:07d}.pt"

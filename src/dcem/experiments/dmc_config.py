@@ -1,0 +1,223 @@
+"""The settings of a ``dcem dmc train`` run (light: importing it does not import torch).
+
+``DMCConfig`` is the one description of a run: ``dcem dmc train`` generates its options from
+the fields (name, type, help), run folders record it in ``config.json``, checkpoints refuse
+another one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from dcem.world.envs import TASKS, task_spec
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["BACKWARDS", "DEFAULTS", "PLANNERS", "QUICK", "TASKS", "DMCConfig", "check_device"]
+
+PLANNERS = ("cem", "latent")
+BACKWARDS = ("full", "checkpoint", "pruned")
+
+# --------------------------------------------------------------------------- config
+
+
+def _doc(text: str) -> Any:
+    return {"help": text}
+
+
+def check_device(name: str) -> torch.device:
+    """``torch.device(name)`` if it can hold a run here; ValueError naming what is wrong."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device: {name!r} is not a torch device ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} is not available (this PyTorch sees no CUDA device)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device: {name!r} is not available "
+                         f"({torch.cuda.device_count()} CUDA devices)")  # fmt: skip
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"device: {name!r} cannot hold a run (it stores no data); use cpu or cuda")
+    if device.type in ("mps", "xpu"):
+        backend = getattr(torch.backends, "mps", None) if device.type == "mps" else None
+        available = backend.is_available() if backend is not None else hasattr(torch, "xpu") and \
+            torch.xpu.is_available()  # fmt: skip
+        if not available:
+            raise ValueError(f"device: {name!r} is not available in this PyTorch")
+    return device
+
+
+@dataclass(frozen=True)
+class DMCConfig:
+    """Resolved settings of one training run; defaults are the paper's (PlaNet's) values."""
+
+    task: str = field(default="cheetah-run", metadata=_doc("control-suite task"))
+    planner: str = field(
+        default="cem",
+        metadata=_doc(
+            "planner used to act: cem (full action space, phase 1) or latent (latent DCEM over a "
+            "learned action decoder, phase 2)"
+        ),
+    )
+    seed: int = field(default=0, metadata=_doc("seed of episodes, model init and planner"))
+    env_steps: int = field(default=1_000_000, metadata=_doc("environment steps to train for"))
+    action_repeat: int = field(default=0, metadata=_doc("0: the task's PlaNet value"))
+    episode_steps: int = field(default=1000, metadata=_doc("environment steps per episode"))
+    seed_episodes: int = field(default=5, metadata=_doc("random-action episodes first"))
+    update_every: int = field(default=1000, metadata=_doc("env steps between model rounds"))
+    updates_per_round: int = field(default=100, metadata=_doc("model updates per round"))
+    batch_size: int = field(default=50, metadata=_doc("sequences per model batch"))
+    seq_len: int = field(default=50, metadata=_doc("steps per sequence"))
+    lr: float = field(default=1e-3, metadata=_doc("Adam learning rate"))
+    adam_eps: float = field(default=1e-4, metadata=_doc("Adam epsilon"))
+    grad_clip: float = field(default=1000.0, metadata=_doc("gradient-norm clip"))
+    free_nats: float = field(
+        default=1.0, metadata=_doc("KL free nats, clamped per (time, batch) element as PlaNet")
+    )
+    reward_scale: float = field(
+        default=10.0, metadata=_doc("weight of the reward term of the bound (PlaNet: 10)")
+    )
+    deter_size: int = field(default=200, metadata=_doc("GRU units"))
+    stoch_size: int = field(default=30, metadata=_doc("stochastic state size"))
+    hidden_size: int = field(default=200, metadata=_doc("units of every other layer"))
+    horizon: int = field(default=12, metadata=_doc("planning horizon (agent steps)"))
+    plan_iter: int = field(
+        default=8, metadata=_doc("CEM iterations per decision (paper: 10; 8 for a CPU)")
+    )
+    plan_samples: int = field(
+        default=300, metadata=_doc("CEM candidates per iteration (paper: 1000; 300 for a CPU)")
+    )
+    plan_elites: int = field(
+        default=30, metadata=_doc("CEM elites per iteration (paper: 100; 30 for a CPU)")
+    )
+    plan_sample: bool = field(
+        default=False,
+        metadata=_doc("imagine with samples of the prior (PlaNet) instead of its mean"),
+    )
+    explore_noise: float = field(default=0.3, metadata=_doc("std of the exploration noise"))
+    eval_every: int = field(default=10_000, metadata=_doc("env steps between evaluations"))
+    eval_episodes: int = field(default=5, metadata=_doc("episodes per evaluation"))
+    video: bool = field(default=True, metadata=_doc("render eval.gif at the end"))
+    init_from: str = field(
+        default="",
+        metadata=_doc(
+            "phase-1 run folder to start from (its latest checkpoint): model, optimizer, replay"
+        ),
+    )
+    keep_replay: bool = field(default=True, metadata=_doc("with init_from: keep its replay"))
+    reinit_model: bool = field(
+        default=False,
+        metadata=_doc("with init_from: re-initialize the world model instead of loading it"),
+    )
+    latent_dim: int = field(default=2, metadata=_doc("latent planner: latent dimension"))
+    latent_samples: int = field(default=100, metadata=_doc("latent planner: DCEM candidates"))
+    latent_elites: int = field(default=10, metadata=_doc("latent planner: DCEM soft elites"))
+    latent_iter: int = field(default=10, metadata=_doc("latent planner: DCEM iterations"))
+    latent_tau: float = field(default=1.0, metadata=_doc("latent planner: DCEM temperature"))
+    decoder_hidden: int = field(default=200, metadata=_doc("decoder hidden units (2 layers)"))
+    decoder_lr: float = field(default=1e-3, metadata=_doc("decoder Adam learning rate"))
+    decoder_every: int = field(
+        default=1, metadata=_doc("a decoder update after every this many model updates (paper: 1)")
+    )
+    decoder_batch: int = field(
+        default=16, metadata=_doc("belief states from the replay batch per decoder update")
+    )
+    decoder_warmup: int = field(
+        default=0, metadata=_doc("decoder updates on the replay before the first episode")
+    )
+    dcem_backward: str = field(
+        default="full",
+        metadata=_doc(
+            "backward mode of dcem.dcem for the decoder update: full, checkpoint or pruned"
+        ),
+    )
+    device: str = field(default="cpu", metadata=_doc("torch device of model and planner"))
+
+    def __post_init__(self) -> None:
+        task_spec(self.task)  # unknown names raise, listing the known ones
+        if self.planner not in PLANNERS:
+            raise ValueError(f"planner must be one of {', '.join(PLANNERS)}, got {self.planner!r}")
+        for name in ("env_steps", "episode_steps", "update_every", "updates_per_round",
+                     "batch_size", "seq_len", "deter_size", "stoch_size", "hidden_size",
+                     "horizon", "plan_iter", "plan_samples", "plan_elites", "eval_every",
+                     "eval_episodes", "latent_dim", "latent_samples", "latent_elites",
+                     "latent_iter", "decoder_hidden", "decoder_every",
+                     "decoder_batch"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("action_repeat", "seed_episodes", "seed", "decoder_warmup"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be finite, got {value}")
+        for name in ("lr", "adam_eps", "grad_clip", "latent_tau", "decoder_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.reward_scale < 0:
+            raise ValueError(f"reward_scale must be >= 0, got {self.reward_scale}")
+        if self.free_nats < 0 or self.explore_noise < 0:
+            raise ValueError(
+                f"free_nats and explore_noise must be >= 0, got {self.free_nats}, "
+                f"{self.explore_noise}"
+            )
+        if self.plan_elites >= self.plan_samples:
+            raise ValueError(
+                f"plan_elites must be < plan_samples, got {self.plan_elites} >= {self.plan_samples}"
+            )
+        if self.latent_elites >= self.latent_samples:
+            raise ValueError(
+                f"latent_elites must be < latent_samples, got {self.latent_elites} >= "
+                f"{self.latent_samples}"
+            )
+        if self.dcem_backward not in BACKWARDS:
+            raise ValueError(
+                f"dcem_backward must be one of {', '.join(BACKWARDS)}, got {self.dcem_backward!r}"
+            )
+        if self.seq_len > self.agent_steps_per_episode + 1:
+            raise ValueError(
+                f"seq_len must be at most the {self.agent_steps_per_episode + 1} rows of an "
+                f"episode, got {self.seq_len}"
+            )
+        if self.device != "cpu":  # "cpu" is always there (and needs no torch import)
+            check_device(self.device)
+
+    @property
+    def repeat(self) -> int:
+        """The action repeat in force (the task's PlaNet value when ``action_repeat`` is 0)."""
+        return self.action_repeat or task_spec(self.task).action_repeat
+
+    @property
+    def agent_steps_per_episode(self) -> int:
+        return math.ceil(self.episode_steps / self.repeat)
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as JSON values, ``device`` left out (a run may move between devices)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "device"}
+
+    def trajectories_per_decision(self, planner: str | None = None) -> int:
+        """Imagined trajectories one decision of ``planner`` (default: the run's) evaluates."""
+        if (planner or self.planner) == "latent":
+            return self.latent_samples * self.latent_iter
+        return self.plan_samples * self.plan_iter
+
+
+DEFAULTS = DMCConfig().to_json()
+"""Default values: they stand in for fields a run folder recorded before they existed."""
+
+QUICK = {
+    "latent_dim": 2, "latent_samples": 10, "latent_elites": 3, "latent_iter": 2,
+    "decoder_hidden": 16, "decoder_batch": 4, "env_steps": 600, "episode_steps": 200,
+    "seed_episodes": 1, "update_every": 100,
+    "updates_per_round": 3, "batch_size": 4, "seq_len": 8, "deter_size": 16, "stoch_size": 4,
+    "hidden_size": 16, "horizon": 3, "plan_iter": 2, "plan_samples": 20, "plan_elites": 4,
+    "eval_every": 400, "eval_episodes": 1,
+}  # fmt: skip
+"""Tiny budget exercising every step (the smoke test; ``dcem dmc train --quick``)."""
