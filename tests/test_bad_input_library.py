@@ -3,6 +3,7 @@ exact answer, anything else a ValueError/TypeError naming the argument, never a 
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal, localcontext
 
 import pytest
@@ -98,3 +99,177 @@ def test_lml_gradient_with_a_tau_that_underflows_in_float32_is_not_nan() -> None
     (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
     assert y.tolist() == [[0.0, 0.0, 1.0]]
     assert x.grad.tolist() == [[0.0, 0.0, 0.0]]  # every weight saturated: h = y (1 - y) = 0
+
+
+def test_lml_module_rejects_an_infinite_tau() -> None:
+    with pytest.raises(ValueError, match="tau must be a finite number"):
+        dcem.LML(1, math.inf)
+
+
+# ----------------------------------------------------------------------------- 2. unroll_gd
+
+
+def test_unroll_gd_raises_when_f_returns_nan() -> None:
+    calls = []
+
+    def f(y: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        cost = (y * y).sum(-1)
+        return cost * math.nan if len(calls) == 4 else cost
+
+    with pytest.raises(ValueError, match=r"f returned a non-finite cost at step 3 "):
+        dcem.unroll_gd(f, torch.ones(2, 3), n_iter=5, lr=0.1)
+
+
+def test_unroll_gd_raises_when_the_iterates_diverge() -> None:
+    # y <- y - 1.5 * 2y = -2y: |y_t| = 2^t, the cost 3 * 4^t overflows float32 at t = 64
+    with pytest.raises(ValueError, match=r"non-finite cost at step 64 .*diverged, lr = 1.5"):
+        dcem.unroll_gd(lambda y: (y * y).sum(-1), torch.ones(2, 3), n_iter=100, lr=1.5)
+    # a finite cost and gradient whose step overflows: 0 - 1e10 * 1e30 = -inf in float32
+    with pytest.raises(ValueError, match=r"y is not finite after step 0.*lr = 1e\+10"):
+        dcem.unroll_gd(lambda y: (1e30 * y).sum(-1), torch.zeros(2, 3), n_iter=2, lr=1e10)
+
+
+def test_unroll_gd_raises_on_a_non_finite_gradient_and_bad_start() -> None:
+    with pytest.raises(ValueError, match="gradient of f is not finite at step 0"):
+        dcem.unroll_gd(lambda y: y.abs().sqrt().sum(-1), torch.zeros(2, 3), n_iter=2, lr=0.1)
+    with pytest.raises(ValueError, match="y0 must be finite"):
+        dcem.unroll_gd(lambda y: (y * y).sum(-1), torch.full((2, 3), math.nan), n_iter=2, lr=0.1)
+    with pytest.raises(ValueError, match="f must compute its costs from y"):
+        dcem.unroll_gd(lambda y: torch.zeros(2), torch.ones(2, 3), n_iter=2, lr=0.1)
+    with pytest.raises(TypeError, match="f must be a callable"):
+        dcem.unroll_gd(3, torch.ones(2, 3), n_iter=2, lr=0.1)  # type: ignore[arg-type]
+
+
+def test_unroll_gd_finite_result_is_unchanged() -> None:
+    # y_T = (1 - 2 lr)^T y0 for f = |y|^2
+    y = dcem.unroll_gd(lambda y: (y * y).sum(-1), torch.ones(2, 3, dtype=F64), n_iter=4, lr=0.1)
+    torch.testing.assert_close(y, torch.full((2, 3), 0.8**4, dtype=F64), rtol=1e-15, atol=0)
+
+
+# ----------------------------------------------------------------------------- 3.-6. cem, dcem
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def sphere(x: torch.Tensor) -> torch.Tensor:
+    return (x * x).sum(-1)
+
+
+@pytest.mark.parametrize("solver", ["cem", "dcem"])
+def test_fewer_finite_costs_than_n_elite_raises(solver: str) -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:  # finite on about 7% of the samples only
+        return torch.where(x[..., 0] > 1.5, sphere(x), math.nan)
+
+    with pytest.raises(ValueError, match=r"fewer finite costs than n_elite = 5 .*problem\(s\)"):
+        getattr(dcem, solver)(f, torch.zeros(2, 3), n_sample=20, n_elite=5, generator=gen())
+
+
+@pytest.mark.parametrize("tau", [1.0, 1e4])
+def test_non_finite_costs_get_weight_exactly_zero(tau: float) -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x[..., 0] > 0.5, math.inf, sphere(x))
+
+    seen: list = []
+    dcem.dcem(
+        f, torch.zeros(2, 3, dtype=F64), n_iter=2, tau=tau, generator=gen(), callback=seen.append
+    )
+    bad = ~torch.isfinite(seen[0].costs)
+    assert bad.any()
+    assert seen[0].weights[bad].abs().max() == 0  # even where tau makes the weights near-uniform
+    torch.testing.assert_close(seen[0].weights.sum(-1), torch.full((2,), 10.0, dtype=F64))
+
+
+@pytest.mark.parametrize("solver", ["cem", "dcem"])
+def test_costs_of_another_dtype_are_cast_to_the_samples_dtype(solver: str) -> None:
+    run = getattr(dcem, solver)
+    p = torch.tensor([[0.5, -1.0, 2.0]], requires_grad=True)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return ((x - p.unsqueeze(1)) ** 2).sum(-1)
+
+    seen: list = []
+    wide = run(lambda x: f(x).double(), torch.zeros(1, 3), generator=gen(), callback=seen.append)
+    same = run(f, torch.zeros(1, 3), generator=gen())  # float32 costs: the reference
+    assert wide.dtype == torch.float32 and seen[0].costs.dtype == torch.float32
+    assert torch.equal(wide.detach(), same.detach())
+    if solver == "dcem":  # the gradient goes through the cast
+        (g_wide,) = torch.autograd.grad(wide.sum(), p)
+        (g_same,) = torch.autograd.grad(same.sum(), p)
+        assert torch.equal(g_wide, g_same)
+
+
+@pytest.mark.parametrize("solver", ["cem", "dcem"])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(init_mu=torch.full((2, 3), math.nan)), "init_mu must be finite"),
+        (dict(init_mu=torch.tensor([[0.0, math.inf, 0.0]])), "init_mu must be finite"),
+        (dict(init_sigma=math.nan), "init_sigma must be finite"),
+        (dict(init_sigma=math.inf), "init_sigma must be finite"),
+        (dict(init_sigma=torch.tensor([1.0, math.nan, 1.0])), "init_sigma must be finite"),
+        (dict(init_sigma=-1.0), "init_sigma must be > 0"),
+        (dict(lb=math.nan), "lb must not be NaN"),
+        (dict(lb=math.inf), "lb must not be NaN or \\+inf"),
+        (dict(ub=-math.inf), "ub must not be NaN or -inf"),
+        (dict(lb=1.0, ub=-1.0), "lb must be < ub"),
+        (dict(n_sample=5, n_elite=10), "n_elite must be < n_sample"),
+        (dict(n_sample=100.0), "n_sample must be an integer"),
+    ],
+)
+def test_bad_values_raise_value_error_naming_the_argument(
+    solver: str, kwargs: dict, match: str
+) -> None:
+    kw = dict(init_mu=torch.zeros(2, 3), generator=gen()) | kwargs
+    with pytest.raises(ValueError, match=match):
+        getattr(dcem, solver)(sphere, **kw)
+
+
+@pytest.mark.parametrize("solver", ["cem", "dcem"])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(generator=123), "generator must be a torch.Generator or None"),
+        (dict(lb="a"), "lb must be a number or a floating tensor"),
+        (dict(init_sigma="a"), "init_sigma must be a number or a floating tensor"),
+        (dict(normalize="yes"), "normalize must be True or False"),
+        (dict(callback=3), "callback must be a callable or None"),
+        (dict(f=3), "f must be a callable"),
+    ],
+)
+def test_bad_types_raise_type_error_naming_the_argument(
+    solver: str, kwargs: dict, match: str
+) -> None:
+    kw = dict(f=sphere, init_mu=torch.zeros(2, 3)) | kwargs
+    with pytest.raises(TypeError, match=match):
+        getattr(dcem, solver)(kw.pop("f"), **kw)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(tau=math.nan), "tau must be a finite number"),
+        (dict(tau=math.inf), "tau must be a finite number"),
+        (dict(n_sample=10, n_elite=10), "n_elite must be < n_sample"),
+        (dict(backward="sometimes"), "backward"),
+    ],
+)
+def test_dcem_module_checks_its_settings_at_construction(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        dcem.DCEM(**kwargs)
+    with pytest.raises(TypeError, match="normalize"):
+        dcem.DCEM(normalize=None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("tau", [1e-50, 1e-300])
+def test_dcem_with_a_tau_below_float32_range_has_no_nan_gradient(tau: float) -> None:
+    # tau -> 0 is hard CEM: every weight is 0 or 1, so the cost parameters get no gradient
+    p = torch.tensor([[0.5, -1.0, 2.0]], requires_grad=True)
+    out = dcem.dcem(
+        lambda x: ((x - p.unsqueeze(1)) ** 2).sum(-1), torch.zeros(1, 3), tau=tau, generator=gen()
+    )
+    (g,) = torch.autograd.grad(out.sum(), p)
+    assert torch.isfinite(out).all()
+    assert torch.equal(g, torch.zeros_like(g))

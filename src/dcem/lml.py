@@ -504,8 +504,8 @@ class LML(torch.nn.Module):
 
     def __init__(self, k: float, tau: float = 1.0) -> None:
         super().__init__()
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
-            raise ValueError(f"tau must be a number > 0, got {tau}")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < math.inf:
+            raise ValueError(f"tau must be a finite number > 0, got {tau}")
         if isinstance(k, bool) or not isinstance(k, (int, float)) or not k >= 1:
             raise ValueError(f"k must be a number >= 1, got {k}")
         self.k, self.tau = k, float(tau)

@@ -41,7 +41,6 @@ __all__ = [
 Cost = Callable[[Tensor], Tensor]
 Bound = float | Tensor | None
 Backward = Literal["full", "checkpoint", "pruned"]
-_FILL_SCORE = -1e4  # standardized score given to non-finite costs: far below every finite one
 
 
 @dataclass
@@ -92,7 +91,32 @@ def _check_int(name: str, value: int, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+def _check_bool(name: str, value: bool) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_tau(tau: float) -> None:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < math.inf:
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+
+
+def _check_callable(name: str, value: Any, optional: bool = False) -> None:
+    if not (callable(value) or (optional and value is None)):
+        what = "a callable or None" if optional else "a callable"
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+
+
+def _describe(value: Any) -> str:
+    """A short description of a bad argument: its dtype and shape for a tensor, else its type."""
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__name__} {value!r}"[:120]
+
+
 def _as_tensor(name: str, value: float | Tensor, like: Tensor) -> Tensor:
+    if isinstance(value, bool) or not isinstance(value, (Tensor, int, float)):
+        raise TypeError(f"{name} must be a number or a floating tensor, got {_describe(value)}")
     if isinstance(value, Tensor):
         if value.device != like.device:
             raise ValueError(
@@ -121,10 +145,13 @@ def _prepare(
     n_elite: int,
     n_iter: int,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, bool]:
-    """Validate the common arguments; returns (mu (B, d), sigma, lb, ub, single)."""
+    """Validate the common arguments; returns (mu (B, d), sigma, lb, ub, single).
+
+    The value checks (finite ``init_mu``, finite ``init_sigma > 0``, bounds that are not
+    NaN, ``lb < ub``) cost one host sync together."""
     if not isinstance(init_mu, Tensor) or not init_mu.is_floating_point():
         raise ValueError(
-            f"init_mu must be a floating tensor of shape (B, d) or (d,), got {init_mu!r}"
+            f"init_mu must be a floating tensor of shape (B, d) or (d,), got {_describe(init_mu)}"
         )
     if init_mu.dim() not in (1, 2) or init_mu.shape[-1] == 0:
         raise ValueError(f"init_mu must have shape (B, d) or (d,), got {tuple(init_mu.shape)}")
@@ -136,15 +163,42 @@ def _prepare(
     single = init_mu.dim() == 1
     mu = init_mu.unsqueeze(0) if single else init_mu
     sigma = _as_tensor("init_sigma", init_sigma, mu)
-    if not bool((sigma > 0).all()):
-        raise ValueError(f"init_sigma must be > 0 everywhere, got min {float(sigma.min()):.3g}")
     lo = None if lb is None else _as_tensor("lb", lb, mu)
     hi = None if ub is None else _as_tensor("ub", ub, mu)
-    if lo is not None and hi is not None and not bool((lo < hi).all()):
+    checks = [
+        ("init_mu", torch.isfinite(mu.detach()).all(), "must be finite"),
+        ("init_sigma", torch.isfinite(sigma.detach()).all(), "must be finite"),
+        ("init_sigma", (sigma.detach() > 0).all(), "must be > 0 everywhere"),
+    ]
+    if lo is not None:
+        checks.append(("lb", (lo < math.inf).all(), "must not be NaN or +inf"))
+    if hi is not None:
+        checks.append(("ub", (hi > -math.inf).all(), "must not be NaN or -inf"))
+    if lo is not None and hi is not None:
+        checks.append(("lb", (lo < hi).all(), "must be < ub everywhere"))
+    passed = torch.stack([ok for _, ok, _ in checks])
+    if not bool(passed.all()):  # the one host sync
+        name, _, what = checks[int((~passed).nonzero()[0, 0])]
+        value = {"init_mu": mu, "init_sigma": sigma, "lb": lo, "ub": hi}[name]
+        assert value is not None
         raise ValueError(
-            f"lb must be < ub everywhere (shapes {tuple(lo.shape)}, {tuple(hi.shape)})"
+            f"{name} {what}, got {_summary(value)}"
+            + (f" and ub {_summary(hi)}" if what.endswith("< ub everywhere") else "")
         )
     return mu, sigma, lo, hi, single
+
+
+def _summary(t: Tensor | None) -> str:
+    """min, max and the number of NaN of a tensor argument, for an error message."""
+    if t is None:
+        return "None"
+    t = t.detach()
+    nans = int(torch.isnan(t).sum())
+    finite = t[~torch.isnan(t)]
+    if finite.numel() == 0:
+        return f"all NaN (shape {tuple(t.shape)})"
+    text = f"min {float(finite.min()):.3g}, max {float(finite.max()):.3g}"
+    return text + (f", {nans} NaN" if nans else "")
 
 
 def _costs(f: Cost, x: Tensor) -> Tensor:
@@ -163,7 +217,9 @@ def _costs(f: Cost, x: Tensor) -> Tensor:
         raise ValueError(f"f must return a floating tensor, got {v.dtype}")
     if v.device != x.device:
         raise ValueError(f"f returned costs on {v.device} for samples on {x.device}")
-    return v
+    # costs of another floating dtype (float64 costs of float32 samples, say) are cast to
+    # the samples' dtype, differentiably: what cem and dcem rank and weigh
+    return v if v.dtype == x.dtype else v.to(x.dtype)
 
 
 def _std_mean(v: Tensor) -> tuple[Tensor, Tensor]:
@@ -198,32 +254,42 @@ def _standardize_vjp(g_z: Tensor, z: Tensor, s: Tensor | None, live: Tensor | No
     return (g_z.mean(-1, keepdim=True) - g_z + z * spread) / s
 
 
-def _scores(v: Tensor, normalize: bool) -> Tensor:
+def _scores(v: Tensor, normalize: bool, k: int = 1) -> Tensor:
     """Scores to rank (higher is better): -v, standardized per problem when ``normalize``.
 
-    Non-finite costs get a score far below every finite one (weight ~0, never an
-    elite while enough finite costs exist). A problem with no finite cost raises.
+    Non-finite costs get the score ``-inf`` (weight exactly 0 in :func:`dcem.lml`, never
+    an elite); the others are standardized over the finite costs of their problem. A
+    problem with fewer than ``k`` finite costs raises ``ValueError`` (its elites would
+    have to include non-finite ones). Costs with a non-finite entry cost one more host
+    sync; all-finite costs none beyond :func:`_all_finite`'s.
     """
     if _all_finite(v):
         return _standardize(v, normalize)[0]
     finite = torch.isfinite(v)
-    empty = (~finite.any(-1)).nonzero().flatten()
-    if empty.numel():
+    count = finite.sum(-1)
+    few = (count < k).nonzero().flatten()
+    if few.numel():
+        empty = (count == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"f returned no finite cost for problem(s) {empty} "
+                f"(costs of shape {tuple(v.shape)})"
+            )
         raise ValueError(
-            f"f returned no finite cost for problem(s) {empty.tolist()} "
-            f"(costs of shape {tuple(v.shape)})"
+            f"f returned fewer finite costs than n_elite = {k} for problem(s) "
+            f"{few.tolist()[:20]} (fewest: {int(count.min())} of n_sample = {v.shape[-1]}); "
+            "non-finite costs cannot rank elites: lower n_elite, raise n_sample or keep the "
+            "samples in f's domain (lb, ub)"
         )
     v = torch.where(finite, v, torch.zeros_like(v))
     if normalize:
-        count = finite.sum(-1, keepdim=True).to(v.dtype)
-        dev = torch.where(finite, v - v.sum(-1, keepdim=True) / count, torch.zeros_like(v))
-        std = ((dev * dev).sum(-1, keepdim=True) / (count - 1).clamp_min(1)).sqrt()
+        n_finite = count.unsqueeze(-1).to(v.dtype)
+        dev = torch.where(finite, v - v.sum(-1, keepdim=True) / n_finite, torch.zeros_like(v))
+        std = ((dev * dev).sum(-1, keepdim=True) / (n_finite - 1).clamp_min(1)).sqrt()
         scores = -dev / std.clamp_min(torch.finfo(v.dtype).eps)
-        return torch.where(finite, scores, torch.full_like(scores, _FILL_SCORE))
-    scores = -v
-    low = torch.where(finite, scores, torch.full_like(scores, math.inf)).amin(-1, keepdim=True)
-    spread = torch.where(finite, scores, low).amax(-1, keepdim=True) - low
-    return torch.where(finite, scores, low - 1e4 * (1.0 + spread))
+    else:
+        scores = -v
+    return torch.where(finite, scores, torch.full_like(scores, -math.inf))
 
 
 def _all_finite(v: Tensor) -> bool:
@@ -343,7 +409,12 @@ def _soft_refit_backward_numpy(
     g_x = wk[:, :, None] * (gm[:, None, :] + 2 * g_var[:, None, :] * dev)
     h = w * (1 - w)
     ratio = (h * g_w).sum(-1, keepdims=True) / np.maximum(h.sum(-1, keepdims=True), tiny)
-    g_z = (g_w - ratio) * h / tau
+    g_z = (g_w - ratio) * h
+    if np.finfo(g_z.dtype).tiny <= tau <= np.finfo(g_z.dtype).max:
+        g_z = g_z / g_z.dtype.type(tau)
+    else:  # tau is 0 or inf in the dtype: divide in float64 (overflow to inf is the value)
+        with np.errstate(over="ignore"):
+            g_z = (g_z.astype(np.float64) / tau).astype(g_z.dtype)
     if normalize:
         spread = (g_z * z).sum(-1, keepdims=True) / (z.shape[-1] - 1) * live
         g_v = (g_z.sum(-1, keepdims=True) / z.shape[-1] - g_z + z * spread) / s
@@ -597,7 +668,7 @@ def dcem_step(
                 v, mu, sigma, eps, n_elite, tau, normalize
             )
             return new_mu, new_sigma, x, v, weights
-    weights = lml(_scores(v, normalize), n_elite, tau)
+    weights = lml(_scores(v, normalize, n_elite), n_elite, tau)
     if reparam:
         new_mu, new_sigma = _refit_reparam(mu, sigma, eps, weights, n_elite)
     else:
@@ -631,7 +702,8 @@ def _dcem_step_pruned(
     x = _sample(mu, sigma, eps, lb, ub)
     with torch.no_grad():
         v_all = _costs(f, x)
-        order = lml(_scores(v_all, normalize), n_elite, tau).argsort(dim=-1, descending=True)
+        scores = _scores(v_all, normalize, n_elite)
+        order = lml(scores, n_elite, tau).argsort(dim=-1, descending=True)
         dropped = order[:, n_keep:]
         n_anchor = min(n_anchor, dropped.shape[1])
         picks = torch.linspace(0, max(dropped.shape[1] - 1, 0), n_anchor, device=x.device)
@@ -648,7 +720,7 @@ def _dcem_step_pruned(
     if _fusable() and _all_finite(v):
         mu, sigma, weights = _apply_soft_refit(v, x, n_elite, tau, normalize)
     else:
-        weights = lml(_scores(v, normalize), n_elite, tau)
+        weights = lml(_scores(v, normalize, n_elite), n_elite, tau)
         mu, sigma = _refit(x, weights, n_elite)
     return mu, sigma, x, v, weights
 
@@ -704,7 +776,7 @@ def _cem_update(f: Cost, x: Tensor, n_elite: int) -> tuple[Tensor, Tensor, Tenso
     if _all_finite(v):  # the lowest costs directly (no negated copy, the elites unordered)
         idx = _lowest(v, n_elite)
     else:
-        idx = _scores(v, normalize=False).topk(n_elite, dim=-1, sorted=False).indices
+        idx = _scores(v, False, n_elite).topk(n_elite, dim=-1, sorted=False).indices
     elites = _take(x, idx)
     mu = elites.mean(1)
     sigma = (elites - mu.unsqueeze(1)).square().mean(1).clamp_min(torch.finfo(x.dtype).tiny).sqrt()
@@ -715,7 +787,16 @@ def _cem_update(f: Cost, x: Tensor, n_elite: int) -> tuple[Tensor, Tensor, Tenso
 # ----------------------------------------------------------------------------- loops
 
 
+def _check_generator(generator: Any) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {_describe(generator)} "
+            "(for a seed s, pass torch.Generator().manual_seed(s))"
+        )
+
+
 def _generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
+    _check_generator(generator)
     if generator is not None:
         if torch.device(generator.device).type != device.type:
             raise ValueError(f"generator is on {generator.device} but init_mu is on {device}")
@@ -798,9 +879,18 @@ def dcem(
         n_keep, n_anchor: graph samples of the ``"pruned"`` mode (see above).
         callback: called with an :class:`IterationInfo` after each iteration.
 
-    Non-finite costs rank as the worst (weight ~0, never an elite while the
-    problem has ``k`` finite costs); a problem whose costs are all non-finite
-    raises ``ValueError`` naming its index.
+    Non-finite costs rank as the worst (weight exactly 0, never an elite); a problem
+    with fewer than ``n_elite`` finite costs in an iteration raises ``ValueError``
+    naming its index. Costs of another floating dtype than the samples (float64 costs
+    of float32 samples, say) are cast to the samples' dtype, as in :func:`cem`.
+
+    Raises:
+        ValueError: bad sizes, ``tau`` not a finite number ``> 0``, ``init_mu`` not
+            finite, ``init_sigma`` not finite and ``> 0``, NaN bounds or ``lb >= ub``
+            (checked at the call, one host sync), or costs as above.
+        TypeError: ``f`` or ``callback`` not callable, ``normalize`` not a bool,
+            ``generator`` not a ``torch.Generator`` or None, bounds or ``init_sigma``
+            neither numbers nor tensors.
 
     Returns:
         The final mean ``(B, d)`` (or ``(d,)``), clamped to the bounds.
@@ -812,10 +902,13 @@ def dcem(
     the noise in C loops compiled on first use (:mod:`dcem._native`; PyTorch blocks without
     a C compiler or with ``DCEM_NATIVE=0``).
     """
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < math.inf:
-        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
-    if backward not in ("full", "checkpoint", "pruned"):
+    _check_callable("f", f)
+    _check_tau(tau)
+    if not isinstance(backward, str) or backward not in ("full", "checkpoint", "pruned"):
         raise ValueError(f"backward must be 'full', 'checkpoint' or 'pruned', got {backward!r}")
+    _check_bool("normalize", normalize)
+    _check_callable("callback", callback, optional=True)
+    _check_generator(generator)
     mu, sigma, lo, hi, single = _prepare(init_mu, init_sigma, lb, ub, n_sample, n_elite, n_iter)
     n_keep = 3 * n_elite if n_keep is None else n_keep
     n_anchor = n_elite if n_anchor is None else n_anchor
@@ -874,11 +967,18 @@ def cem(
     ``index_select``) and refits the mean and std to them. Runs under ``no_grad``
     unless ``grad=True``. With ``return_best`` the best sample seen over all
     iterations is returned instead of the final mean. Non-finite costs rank
-    last; a problem with no finite cost raises ``ValueError``.
+    last and are never elites; a problem with fewer than ``n_elite`` finite costs in an
+    iteration raises ``ValueError``. Costs are cast to the samples' dtype. The argument
+    checks and errors are those of :func:`dcem`.
 
     Returns:
         ``(B, d)`` (or ``(d,)``): the final mean or the best sample, clamped to the bounds.
     """
+    _check_callable("f", f)
+    for name, flag in (("normalize", normalize), ("return_best", return_best), ("grad", grad)):
+        _check_bool(name, flag)
+    _check_callable("callback", callback, optional=True)
+    _check_generator(generator)
     mu, sigma, lo, hi, single = _prepare(init_mu, init_sigma, lb, ub, n_sample, n_elite, n_iter)
     gen = _generator(generator, mu.device)
     shape = (mu.shape[0], n_sample, mu.shape[1])
@@ -921,21 +1021,37 @@ def unroll_gd(f: Callable[[Tensor], Tensor], y0: Tensor, *, n_iter: int, lr: flo
     Args:
         f: costs per problem, ``(B, d) -> (B,)`` (or a scalar); the step uses ``grad`` of
             its sum, so problems stay independent.
-        y0: ``(B, d)`` start. n_iter: steps ``>= 1``. lr: step size ``> 0``.
+        y0: ``(B, d)`` finite start. n_iter: steps ``>= 1``. lr: step size ``> 0``.
 
     Returns:
         ``(B, d)``. When grad mode is on, the steps are taken with
         ``torch.autograd.grad(..., create_graph=True)`` so the result is
         differentiable w.r.t. the parameters of ``f`` (second derivatives);
         under ``no_grad`` the steps are taken without building a graph.
+
+    Raises:
+        ValueError: bad ``n_iter``, ``lr`` or ``y0`` (checked at the call, ``y0``'s
+            finiteness with one host sync); ``f`` returning costs of the wrong shape or not
+            computed from ``y`` with autograd; and, after the last step, a non-finite cost,
+            gradient or iterate at any step, naming the first such step (counted from 0).
+            A non-finite value is never returned silently: ``f`` returned NaN/inf, or the
+            iterates diverged (``lr`` too large for ``f``). The steps themselves add no host
+            sync: each records whether its values were finite in a device flag, and the
+            flags are read once at the end.
+        TypeError: ``f`` not callable.
     """
+    _check_callable("f", f)
     _check_int("n_iter", n_iter, 1)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     if not isinstance(y0, Tensor) or not y0.is_floating_point():
-        raise ValueError(f"y0 must be a floating tensor, got {y0!r}")
+        raise ValueError(f"y0 must be a floating tensor, got {_describe(y0)}")
+    if not bool(torch.isfinite(y0.detach()).all()):
+        raise ValueError(f"y0 must be finite, got {_summary(y0)}")
     create_graph = torch.is_grad_enabled()
     y = y0 if y0.requires_grad else y0.detach().requires_grad_()
+    flags: list[Tensor] = []  # per step: (cost, gradient, iterate) finite, no host sync
+    sizes: list[Tensor] = []  # per step: max |y| at its start, for the error message
     with torch.enable_grad():
         for _ in range(n_iter):
             energy = f(y)
@@ -944,10 +1060,35 @@ def unroll_gd(f: Callable[[Tensor], Tensor], y0: Tensor, *, n_iter: int, lr: flo
                 raise ValueError(
                     f"f must return costs of shape (B,) = {tuple(y.shape[:1])}, got {got}"
                 )
-            (g,) = torch.autograd.grad(energy.sum(), y, create_graph=create_graph)
+            g = None
+            if energy.requires_grad:
+                (g,) = torch.autograd.grad(
+                    energy.sum(), y, create_graph=create_graph, allow_unused=True
+                )
+            if g is None:
+                raise ValueError(
+                    "f must compute its costs from y with autograd (they do not depend on "
+                    "y: detached, converted to a number, or computed without y)"
+                )
+            sizes.append(y.detach().abs().amax())
             y = y - lr * g
+            flags.append(torch.stack([torch.isfinite(t.detach()).all() for t in (energy, g, y)]))
             if not create_graph:
                 y = y.detach().requires_grad_()
+    finite = torch.stack(flags)  # (n_iter, 3)
+    if not bool(finite.all()):  # the one host sync of the steps
+        step, what = (int(i) for i in (~finite).nonzero()[0])
+        size = f"max |y| = {float(sizes[step]):.3g} at that step"
+        hint = f" ({size}: the iterates may have diverged, lr = {lr:.6g} too large for f)"
+        raise ValueError(
+            [
+                f"f returned a non-finite cost at step {step}" + (hint if step else ""),
+                f"the gradient of f is not finite at step {step} (its cost was finite; {size})",
+                f"the iterates diverged: y is not finite after step {step} (finite cost "
+                f"and gradient); lr = {lr:.6g} is too large for f",
+            ][what]
+            + f" (n_iter = {n_iter}, steps counted from 0)"
+        )
     return y if create_graph else y.detach()
 
 
@@ -971,6 +1112,18 @@ class DCEM(torch.nn.Module):
         backward: Backward = "full",
     ) -> None:
         super().__init__()
+        # the checks that need no tensor, at construction (the rest at each call)
+        for name, value, low in (("n_sample", n_sample, 2), ("n_elite", n_elite, 1),
+                                 ("n_iter", n_iter, 1)):  # fmt: skip
+            _check_int(name, value, low)
+        if n_elite >= n_sample:
+            raise ValueError(
+                f"n_elite must be < n_sample, got n_elite={n_elite}, n_sample={n_sample}"
+            )
+        _check_tau(tau)
+        _check_bool("normalize", normalize)
+        if not isinstance(backward, str) or backward not in ("full", "checkpoint", "pruned"):
+            raise ValueError(f"backward must be 'full', 'checkpoint' or 'pruned', got {backward!r}")
         self.kw = dict(
             n_sample=n_sample,
             n_elite=n_elite,
