@@ -36,8 +36,7 @@ inputs must match them.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -157,11 +156,6 @@ class RSSM(nn.Module):
         self.register_buffer("obs_loc", torch.zeros(obs_size))
         self.register_buffer("obs_scale", torch.ones(obs_size))
         self.register_buffer("obs_count", torch.zeros((), dtype=torch.long))
-        self._stacked: tuple[list[Tensor], _StackedWeights] | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        # copies and pickles leave the cache of ``imagined_return`` behind (rebuilt on use)
-        return {**super().__getstate__(), "_stacked": None}
 
     # --------------------------------------------------------- normalization
     obs_loc: Tensor
@@ -364,24 +358,7 @@ class RSSM(nn.Module):
         sample: bool = True,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """``imagine(state, actions, ...).sum(0)`` without autograd, with stacked matmuls.
-
-        The planner's hot path. Same model, same noise (for the same ``generator`` state) and
-        the same result as ``imagine`` up to float rounding, organised so that nearly all the
-        time goes to dense matmuls:
-
-        * layers sharing an input are stacked into one matmul: ``h_t`` feeds the prior, the
-          reward model and the next GRU hidden projection through one
-          ``(deter, 2 hidden + 3 deter)`` weight, ``s_t`` the reward model and the next input
-          layer through one ``(stoch, 2 hidden)`` weight;
-        * the input layer's bias rides on the ``s_t`` matmul, its action part is added by a
-          thin matmul into the same buffer;
-        * every intermediate lives in a buffer allocated once per call (``out=``, in-place);
-        * the GRU's ``tanh`` is evaluated as ``2 sigmoid(2 x) - 1`` with the factor 2 folded
-          into the weights (``tanh`` is several times slower than ``sigmoid`` on CPU);
-        * the final reward layer is linear, so it is applied once to the sum of its inputs;
-        * the stacked weights are cached between calls and rebuilt whenever a parameter they
-          are made of has changed (see ``_stacked_weights``).
+        """``imagine(state, actions, ...).sum(0)`` without autograd: the planner's cost.
 
         Args:
             state: start state, leading shape ``(...)``.
@@ -392,52 +369,7 @@ class RSSM(nn.Module):
         Returns:
             ``(...)``: the sum over the horizon of the predicted rewards.
         """
-        noise = self._imagination_noise(state, actions, sample, generator)
-        horizon, batch = actions.shape[0], actions.shape[1:-1]
-        w, m = self._stacked_weights(), math.prod(batch)
-        buf = _Workspace(w, m, self.deter_size, self.stoch_size, actions)
-        h = state.deter.reshape(m, self.deter_size)
-        actions = actions.reshape(horizon, m, self.action_size)
-        gh = torch.addmm(w.gru_bias_hh, h, w.gru_hh)
-        stoch_in = torch.addmm(w.in_bias, state.stoch.reshape(m, self.stoch_size), w.in_stoch)
-        for t in range(horizon):
-            last = t == horizon - 1
-            x = torch.addmm(stoch_in, actions[t], w.in_action, out=buf.x[0]).relu_()
-            x = _layers(x, w.in_hidden, buf.x[1:])
-            gi = torch.addmm(w.gru_bias_ih, x, w.gru_ih, out=buf.gi)
-            h = _gru(gi, gh, h, out=buf.h[t % 2])
-            hx = buf.hx_last if last else buf.hx
-            hx = torch.addmm(w.h_bias[: hx.shape[1]], h, w.h_weight[:, : hx.shape[1]], out=hx)
-            p = _layers(hx[:, : w.hidden].relu_(), w.prior_hidden, buf.prior)
-            stats = torch.addmm(w.stats_bias, p, w.stats, out=buf.stats)
-            s = stats[:, : self.stoch_size]
-            if sample:
-                std = F.softplus(buf.std.copy_(stats[:, w.half : w.half + self.stoch_size]))
-                s = torch.addcmul(s, std.add_(self.min_std), noise[t].view(m, -1), out=buf.s)
-            sx = buf.sx_last if last else buf.sx
-            sx = torch.addmm(w.s_bias[: sx.shape[1]], s, w.s_weight[:, : sx.shape[1]], out=sx)
-            r = hx[:, w.hidden : 2 * w.hidden].add_(sx[:, : w.hidden]).relu_()
-            buf.reward_sum.add_(_layers(r, w.reward_hidden, buf.reward))
-            gh, stoch_in = hx[:, 2 * w.hidden :], sx[:, w.hidden :]
-        total = torch.addmm(w.reward_out_bias * horizon, buf.reward_sum, w.reward_out)
-        return total.view(batch)
-
-    def _stacked_weights(self) -> _StackedWeights:
-        """``_StackedWeights(self)``, rebuilt only when a parameter it is made of has changed.
-
-        The cache is keyed on the parameters' values: each is compared with a snapshot taken
-        at the last build (``torch.equal``, about a third of the cost of a rebuild on CPU).
-        Autograd's version counters would be cheaper but miss writes that bypass them (fused
-        optimizers such as ``Adam(fused=True)``, writes through ``.data``); data pointers alone
-        miss every in-place update (optimizer steps, ``load_state_dict``).
-        """
-        modules = (self.input, self.gru, self.prior, self.reward)
-        params = [p for m in modules for p in m.parameters()]
-        if self._stacked is not None and _same_values(params, self._stacked[0]):
-            return self._stacked[1]
-        weights = _StackedWeights(self)
-        self._stacked = ([p.detach().clone() for p in params], weights)
-        return weights
+        return self.imagine(state, actions, sample=sample, generator=generator).sum(0)
 
     # ------------------------------------------------------------------ loss
     def loss(
@@ -519,101 +451,5 @@ class RSSM(nn.Module):
             )
 
 
-def _same_values(params: Sequence[Tensor], snapshot: Sequence[Tensor]) -> bool:
-    """Whether ``params`` equal ``snapshot`` elementwise, with the same shapes, dtypes, devices."""
-    return len(params) == len(snapshot) and all(
-        p.shape == s.shape and p.dtype == s.dtype and p.device == s.device and torch.equal(p, s)
-        for p, s in zip(params, snapshot, strict=True)
-    )
-
-
 def _stack(states: list[State]) -> State:
     return State(*(torch.stack(parts) for parts in zip(*states, strict=True)))
-
-
-def _layers(x: Tensor, layers: list[tuple[Tensor, Tensor]], out: list[Tensor]) -> Tensor:
-    """Apply ``relu(x @ w + b)`` for each ``(w, b)``, writing into ``out``: ``(M, k) -> (M, n)``."""
-    for (weight, bias), o in zip(layers, out, strict=True):
-        x = torch.addmm(bias, x, weight, out=o).relu_()
-    return x
-
-
-def _gru(gi: Tensor, gh: Tensor, h: Tensor, *, out: Tensor) -> Tensor:
-    """``nn.GRUCell`` update from the input and hidden projections (bias included).
-
-    ``gi, gh: (M, 3 D)`` in PyTorch's gate order (reset, update, new) with the new-gate block of
-    both pre-multiplied by 2, so that ``tanh(y) = 2 sigmoid(2 y) - 1``; ``h: (M, D)``.
-    Overwrites ``gi``; the new state goes to ``out: (M, D)``.
-    """
-    d = h.shape[-1]
-    rz = gi[:, : 2 * d].add_(gh[:, : 2 * d]).sigmoid_()
-    n = gi[:, 2 * d :].addcmul_(rz[:, :d], gh[:, 2 * d :]).sigmoid_().mul_(2.0).sub_(1.0)
-    return torch.lerp(n, h, rz[:, d:], out=out)
-
-
-class _StackedWeights:
-    """The weights used by ``RSSM.imagined_return``, transposed to ``(in, out)`` and stacked.
-
-    ``h_weight = [prior₀ | reward₀ (h part) | GRU hidden]: (deter, 2 hidden + 3 deter)``;
-    ``s_weight = [reward₀ (s part) | input₀ (s part)]: (stoch, 2 hidden)`` with bias
-    ``s_bias = [0 | input₀ bias]``; ``stats`` is the prior's output layer with its mean and
-    std halves padded to a multiple of 8 columns (a narrow matmul is slow). The GRU's new-gate
-    rows are doubled (see ``_gru``).
-    """
-
-    def __init__(self, model: RSSM) -> None:
-        d, s = model.deter_size, model.stoch_size
-        lin = {
-            name: [m for m in getattr(model, name) if isinstance(m, nn.Linear)]
-            for name in ("input", "prior", "reward")
-        }
-        in0, prior0, reward0 = lin["input"][0], lin["prior"][0], lin["reward"][0]
-        gate_scale = torch.ones_like(model.gru.bias_ih)
-        gate_scale[2 * d :] = 2.0
-        w_ih, b_ih = model.gru.weight_ih * gate_scale[:, None], model.gru.bias_ih * gate_scale
-        w_hh, b_hh = model.gru.weight_hh * gate_scale[:, None], model.gru.bias_hh * gate_scale
-        self.hidden = in0.out_features
-        self.in_stoch = in0.weight[:, :s].t().contiguous()
-        self.in_action = in0.weight[:, s:].t().contiguous()
-        self.in_bias = in0.bias
-        self.in_hidden = _pairs(lin["input"][1:])
-        self.gru_ih, self.gru_bias_ih = w_ih.t().contiguous(), b_ih
-        self.gru_hh, self.gru_bias_hh = w_hh.t().contiguous(), b_hh
-        self.h_weight = torch.cat([prior0.weight, reward0.weight[:, :d], w_hh]).t().contiguous()
-        self.h_bias = torch.cat([prior0.bias, reward0.bias, b_hh])
-        self.s_weight = torch.cat([reward0.weight[:, d:], in0.weight[:, :s]]).t().contiguous()
-        self.s_bias = torch.cat([torch.zeros_like(reward0.bias), in0.bias])
-        self.prior_hidden = _pairs(lin["prior"][1:-1])
-        # prior statistics [mean | 0 | raw std | 0], halves padded to a multiple of 8 columns
-        self.half = -(-s // 8) * 8
-        out = lin["prior"][-1]
-        self.stats = out.weight.new_zeros(out.in_features, 2 * self.half)
-        self.stats_bias = out.bias.new_zeros(2 * self.half)
-        for i, part in enumerate(range(0, 2 * s, s)):
-            self.stats[:, i * self.half : i * self.half + s] = out.weight[part : part + s].t()
-            self.stats_bias[i * self.half : i * self.half + s] = out.bias[part : part + s]
-        self.reward_hidden = _pairs(lin["reward"][1:-1])
-        self.reward_out = lin["reward"][-1].weight.t().contiguous()
-        self.reward_out_bias = lin["reward"][-1].bias
-
-
-class _Workspace:
-    """Buffers of one ``imagined_return`` call for a batch of ``m`` rollouts."""
-
-    def __init__(self, w: _StackedWeights, m: int, d: int, s: int, like: Tensor) -> None:
-        def new(*shape: int) -> Tensor:
-            return like.new_empty(shape)
-
-        k = w.hidden
-        self.x = [new(m, k) for _ in range(len(w.in_hidden) + 1)]
-        self.gi, self.h = new(m, 3 * d), [new(m, d), new(m, d)]
-        self.hx, self.hx_last = new(m, 2 * k + 3 * d), new(m, 2 * k)
-        self.prior = [new(m, k) for _ in w.prior_hidden]
-        self.stats, self.s, self.std = new(m, 2 * w.half), new(m, s), new(m, s)
-        self.sx, self.sx_last = new(m, 2 * k), new(m, k)
-        self.reward = [new(m, k) for _ in w.reward_hidden]
-        self.reward_sum = like.new_zeros(m, k)
-
-
-def _pairs(linears: list[nn.Linear]) -> list[tuple[Tensor, Tensor]]:
-    return [(lin.weight.t().contiguous(), lin.bias) for lin in linears]
