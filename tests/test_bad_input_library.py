@@ -10,6 +10,17 @@ import pytest
 import torch
 
 import dcem
+from dcem.control import (
+    ActionDecoder,
+    CartpoleParams,
+    SolverConfig,
+    rollout,
+    rollout_cost,
+    run_mpc,
+    sample_initial_states,
+    solve_horizon,
+    step,
+)
 
 F64 = torch.float64
 
@@ -273,3 +284,76 @@ def test_dcem_with_a_tau_below_float32_range_has_no_nan_gradient(tau: float) -> 
     (g,) = torch.autograd.grad(out.sum(), p)
     assert torch.isfinite(out).all()
     assert torch.equal(g, torch.zeros_like(g))
+
+
+# ----------------------------------------------------------------------------- 8. control
+
+PARAMS = torch.tensor([9.8, 1.0, 0.1, 0.5], dtype=F64)  # (g, m_c, m_p, l)
+
+
+@pytest.mark.parametrize(
+    ("index", "value", "match"),
+    [
+        (1, -1.0, r"m_c \(cart mass\) must be > 0, got -1"),
+        (1, 0.0, r"m_c \(cart mass\) must be > 0, got 0"),
+        (2, -0.1, r"m_p \(pole mass\) must be >= 0, got -0.1"),
+        (3, 0.0, r"l \(pole half-length\) must be > 0, got 0"),
+        (3, math.nan, r"l \(pole half-length\) must be finite"),
+        (0, math.inf, r"g \(gravity\) must be finite"),
+        (1, math.nan, r"m_c \(cart mass\) must be finite"),
+    ],
+)
+def test_cartpole_rejects_unphysical_params(index: int, value: float, match: str) -> None:
+    params = PARAMS.clone()
+    params[index] = value
+    x, u = torch.zeros(2, 5, dtype=F64), torch.zeros(2, 4, dtype=F64)
+    for call in (
+        lambda: step(x, u[:, :1], params),
+        lambda: rollout(x, u, params),
+        lambda: rollout_cost(x, u, params),
+        lambda: rollout_cost(x, u, params.expand(2, 4)),
+        lambda: solve_horizon(x, horizon=4, params=params),
+    ):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_cartpole_params_dataclass_checks_its_fields() -> None:
+    with pytest.raises(ValueError, match=r"m_c \(cart mass\) must be > 0"):
+        CartpoleParams(m_c=-1.0)
+    with pytest.raises(ValueError, match=r"l \(pole half-length\) must be finite"):
+        CartpoleParams(l=math.inf)
+    with pytest.raises(TypeError, match="g must be a number"):
+        CartpoleParams(g="9.8")  # type: ignore[arg-type]
+    assert CartpoleParams(m_p=0.0).m_p == 0.0  # a massless pole is allowed (tested physics)
+
+
+def test_cartpole_valid_params_give_the_same_costs_as_before() -> None:
+    x = torch.tensor([[0.1, 0.0, 1.0, 0.0, 0.0]], dtype=F64)
+    u = torch.zeros(1, 3, dtype=F64)
+    default = rollout_cost(x, u)
+    given = rollout_cost(x, u, CartpoleParams().as_tensor(dtype=F64))
+    assert torch.equal(default, given)
+
+
+def test_control_type_errors_name_the_argument() -> None:
+    x = torch.zeros(1, 5)
+    with pytest.raises(TypeError, match="x_init must be a tensor"):
+        rollout([[0.0] * 5], torch.zeros(1, 4))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="params must be a tensor"):
+        rollout(x, torch.zeros(1, 4), [9.8, 1.0, 0.1, 0.5])  # type: ignore[arg-type]
+    small = SolverConfig(n_iter=1, n_sample=10, n_elite=2)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
+        solve_horizon(x, horizon=3, solver=small, generator=123)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
+        sample_initial_states(2, generator=123)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="x_init must be finite"):
+        solve_horizon(torch.full((1, 5), math.nan), horizon=3, solver=small)
+    with pytest.raises(ValueError, match="n_steps must be an integer"):
+        run_mpc(x, n_steps=1.5, solver=small)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="n must be an integer"):
+        sample_initial_states(2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="latent_dim must be an integer"):
+        ActionDecoder(2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="u_lb must be finite"):
+        ActionDecoder(2, u_lb=math.nan)

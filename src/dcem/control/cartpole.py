@@ -49,6 +49,17 @@ class CartpoleParams:
     l: float = 0.5
     """Pole half-length (m)."""
 
+    def __post_init__(self) -> None:
+        for name in _PARAM_NAMES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} ({_PARAM_MEANING[name]}) must be finite, got {value}")
+            low = _PARAM_LOW[name]
+            if low is not None and not (value >= 0 if low == ">= 0" else value > 0):
+                raise ValueError(f"{name} ({_PARAM_MEANING[name]}) must be {low}, got {value}")
+
     def as_tensor(
         self, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> Tensor:
@@ -59,20 +70,60 @@ class CartpoleParams:
 _Components = tuple[Tensor, ...]
 """A state ``(x, xdot, cos θ, sin θ, θdot)`` or parameters ``(g, m_c, m_p, l)``, unbound."""
 
+_PARAM_NAMES = ("g", "m_c", "m_p", "l")
+_PARAM_MEANING = {"g": "gravity", "m_c": "cart mass", "m_p": "pole mass", "l": "pole half-length"}
+# Beyond finiteness: the cart mass and pole length must be positive; the pole may be
+# massless (the cart then moves freely); gravity may have any sign or be 0.
+_PARAM_LOW: dict[str, str | None] = {"g": None, "m_c": "> 0", "m_p": ">= 0", "l": "> 0"}
 
-def _params_like(params: Tensor | None, state: Tensor) -> Tensor:
-    """Default or validated ``(..., 4)`` parameter tensor on ``state``'s device and dtype."""
+
+def _require_tensor(name: str, value: object, what: str) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a tensor {what}, got {type(value).__name__}")
+
+
+def _check_param_values(params: Tensor) -> None:
+    """Every parameter finite, ``m_c, l > 0`` and ``m_p >= 0``, with one host sync; raises a
+    ValueError naming the first parameter that is not."""
+    p = params.detach().reshape(-1, N_PARAMS)
+    finite = torch.isfinite(p)
+    signs = torch.stack([p[:, 0] == p[:, 0], p[:, 1] > 0, p[:, 2] >= 0, p[:, 3] > 0], 1)
+    good = torch.stack([finite, signs], -1)  # (rows, 4, 2)
+    ok = good.all(0).flatten().tolist()  # the one host sync
+    if all(ok):
+        return
+    i = ok.index(False)
+    name, column = _PARAM_NAMES[i // 2], p[:, i // 2]
+    need = "finite" if i % 2 == 0 else _PARAM_LOW[name]
+    bad = column[~good[:, i // 2, i % 2]]
+    raise ValueError(
+        f"params[..., {i // 2}] = {name} ({_PARAM_MEANING[name]}) must be {need}, "
+        f"got {float(bad[0]):g}"
+    )
+
+
+def _params_like(params: Tensor | None, state: Tensor, check: bool = True) -> Tensor:
+    """Default or validated ``(..., 4)`` parameter tensor on ``state``'s device and dtype.
+
+    ``check`` tests the values (one host sync); callers that validated ``params`` once
+    before a loop pass False."""
     if params is None:
         return CartpoleParams().as_tensor(dtype=state.dtype, device=state.device)
+    _require_tensor("params", params, "(..., 4) = (g, m_c, m_p, l) or None (see CartpoleParams)")
+    if not params.is_floating_point():
+        params = params.to(torch.promote_types(state.dtype, torch.get_default_dtype()))
     if params.shape[-1:] != (N_PARAMS,):
         raise ValueError(
             f"params must have shape (..., {N_PARAMS}) = (g, m_c, m_p, l), "
             f"got {tuple(params.shape)}"
         )
+    if check:
+        _check_param_values(params)
     return params
 
 
 def _check_state(state: Tensor, name: str = "state") -> None:
+    _require_tensor(name, state, f"(..., {STATE_DIM})")
     if state.dim() < 1 or state.shape[-1] != STATE_DIM:
         raise ValueError(
             f"{name} must have shape (..., {STATE_DIM}) = (x, xdot, cos θ, sin θ, θdot), "
@@ -81,6 +132,7 @@ def _check_state(state: Tensor, name: str = "state") -> None:
 
 
 def _check_control(u: Tensor) -> None:
+    _require_tensor("u", u, "(..., 1)")
     if u.dim() < 1 or u.shape[-1] != 1:
         raise ValueError(f"u must have shape (..., 1), got {tuple(u.shape)}")
 
@@ -141,6 +193,11 @@ def step(state: Tensor, u: Tensor, params: Tensor | None = None) -> Tensor:
     Returns:
         ``(..., 5)`` next states, batch shape the broadcast of the inputs'. Differentiable in
         ``state``, ``u`` and ``params``.
+
+    Raises:
+        ValueError: bad shapes, or ``params`` with a non-finite entry or ``m_c``, ``m_p``
+            or ``l`` not ``> 0`` (checked with one host sync when ``params`` is given).
+        TypeError: ``state``, ``u`` or ``params`` not a tensor.
     """
     _check_state(state)
     _check_control(u)
@@ -174,13 +231,16 @@ def reward(state: Tensor, u: Tensor) -> Tensor:
 
 
 def _rollout_setup(
-    x_init: Tensor, u: Tensor, params: Tensor | None
+    x_init: Tensor, u: Tensor, params: Tensor | None, check: bool = True
 ) -> tuple[_Components, Tensor, _Components]:
     """Validate; return the initial state components, clamped forces / M and ``_constants``.
 
     The components get a trailing sample axis of size 1 when ``u`` is ``(B, N, H)``, so they
-    broadcast against the ``(B, N)`` controls of each step without copies.
+    broadcast against the ``(B, N)`` controls of each step without copies. ``check=False``
+    skips the test of the parameter values (see ``_params_like``).
     """
+    _require_tensor("x_init", x_init, f"(B, {STATE_DIM})")
+    _require_tensor("u", u, "(B, H) or (B, N, H)")
     if x_init.dim() != 2 or x_init.shape[-1] != STATE_DIM:
         raise ValueError(f"x_init must have shape (B, {STATE_DIM}), got {tuple(x_init.shape)}")
     if u.dim() not in (2, 3):
@@ -192,7 +252,7 @@ def _rollout_setup(
         )
     if u.shape[-1] < 1:
         raise ValueError(f"the horizon H = u.shape[-1] must be >= 1, got {tuple(u.shape)}")
-    params = _params_like(params, x_init)
+    params = _params_like(params, x_init, check)
     if params.dim() > 2 or (params.dim() == 2 and params.shape[0] != x_init.shape[0]):
         raise ValueError(
             f"params must have shape (4,) or (B, 4) with B = {x_init.shape[0]}, "
@@ -216,6 +276,9 @@ def rollout(x_init: Tensor, u: Tensor, params: Tensor | None = None) -> Tensor:
 
     Returns:
         ``(B, H + 1, 5)`` or ``(B, N, H + 1, 5)`` states ``x_0 = x_init, ..., x_H``.
+
+    Raises:
+        ValueError, TypeError: as :func:`step`.
     """
     state, force_over_mass, consts = _rollout_setup(x_init, u, params)
     batch_shape = u.shape[:-1]
@@ -241,8 +304,17 @@ def rollout_cost(x_init: Tensor, u: Tensor, params: Tensor | None = None) -> Ten
     Returns:
         ``(B,)`` or ``(B, N)`` costs (lower is better; -H for a pole upright and centered at
         every step with no force). Differentiable in ``x_init``, ``u`` and ``params``.
+
+    Raises:
+        ValueError, TypeError: as :func:`step`.
     """
-    state, force_over_mass, consts = _rollout_setup(x_init, u, params)
+    return _rollout_cost(x_init, u, params)
+
+
+def _rollout_cost(x_init: Tensor, u: Tensor, params: Tensor | None, check: bool = True) -> Tensor:
+    """:func:`rollout_cost`; ``check=False`` skips the test of the parameter values (for a
+    cost function called at every optimizer iteration with parameters checked once)."""
+    state, force_over_mass, consts = _rollout_setup(x_init, u, params, check)
     positions, cosines = [state[0]], [state[2]]
     for t in range(u.shape[-1] - 1):
         state = _euler(state, force_over_mass[..., t], consts)
@@ -277,8 +349,12 @@ def sample_initial_states(
     Returns:
         ``(n, 5)`` states ``(x, xdot, cos θ, sin θ, θdot)``.
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
     if device is None and generator is not None:
         device = generator.device
     half_width = torch.tensor([0.5, 0.5, math.pi, 1.0], dtype=dtype, device=device)

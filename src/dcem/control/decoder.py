@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -45,8 +47,13 @@ class ActionDecoder(nn.Module):
             ("hidden", hidden),
             ("n_layers", n_layers),
         ):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name, bound in (("u_lb", u_lb), ("u_ub", u_ub)):
+            if isinstance(bound, bool) or not isinstance(bound, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(bound).__name__}")
+            if not math.isfinite(bound):
+                raise ValueError(f"{name} must be finite, got {bound}")
         if not u_lb < u_ub:
             raise ValueError(f"u_lb must be < u_ub, got u_lb={u_lb}, u_ub={u_ub}")
         self.latent_dim = latent_dim

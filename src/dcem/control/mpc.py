@@ -20,7 +20,15 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from dcem.control.cartpole import STATE_DIM, U_LB, U_UB, reward, rollout_cost, step
+from dcem.control.cartpole import (
+    STATE_DIM,
+    U_LB,
+    U_UB,
+    _params_like,
+    _rollout_cost,
+    reward,
+    step,
+)
 from dcem.control.decoder import ActionDecoder
 from dcem.optim import Backward, cem, dcem
 
@@ -109,12 +117,14 @@ def _resolve_horizon(decoder: ActionDecoder | None, horizon: int | None) -> int:
         horizon = decoder.horizon
     elif horizon != decoder.horizon:
         raise ValueError(f"horizon={horizon} differs from decoder.horizon={decoder.horizon}")
-    if horizon < 1:
-        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+        raise ValueError(f"horizon must be an integer >= 1, got {horizon!r}")
     return horizon
 
 
 def _check_solver(solver: SolverConfig) -> None:
+    if not isinstance(solver, SolverConfig):
+        raise TypeError(f"solver must be a SolverConfig, got {type(solver).__name__}")
     if solver.method not in ("cem", "dcem"):
         raise ValueError(f"solver.method must be 'cem' or 'dcem', got {solver.method!r}")
     if solver.return_best and solver.method != "cem":
@@ -194,15 +204,28 @@ def solve_horizon(
 
     Returns:
         ``HorizonSolution(z (B, d), u (B, H), cost (B,))``.
+
+    Raises:
+        ValueError: bad shapes, non-finite ``x_init``, bad ``params`` (as
+            :func:`dcem.control.step`; checked once here, not at every cost evaluation),
+            bad solver settings (as :func:`dcem.dcem` / :func:`dcem.cem`).
+        TypeError: ``generator`` not a ``torch.Generator`` or None, ``solver`` not a
+            ``SolverConfig``, a tensor argument that is not a tensor.
     """
-    if x_init.dim() != 2 or x_init.shape[-1] != STATE_DIM:
-        raise ValueError(f"x_init must have shape (B, {STATE_DIM}), got {tuple(x_init.shape)}")
+    _check_x_init(x_init)
     _check_solver(solver)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+    params = None if params is None else _params_like(params, x_init)  # checked once here
     horizon = _resolve_horizon(decoder, horizon)
     d, lb, ub, default_sigma = _search_space(decoder, horizon)
     batch = x_init.shape[0]
     if init_mu is None:
         init_mu = x_init.new_zeros(batch, d)
+    elif not isinstance(init_mu, Tensor):
+        raise TypeError(f"init_mu must be a tensor of shape (B, d) or None, got {type(init_mu)}")
     elif init_mu.shape != (batch, d):
         raise ValueError(
             f"init_mu must have shape (B, d) = {(batch, d)}, got {tuple(init_mu.shape)}"
@@ -212,12 +235,24 @@ def solve_horizon(
     def to_controls(z: Tensor) -> Tensor:
         return z if decoder is None else decoder(z)
 
-    def f(z: Tensor) -> Tensor:
-        return rollout_cost(x_init, to_controls(z), params)
+    def f(z: Tensor) -> Tensor:  # called at every iteration: params were checked above
+        return _rollout_cost(x_init, to_controls(z), params, check=False)
 
     z = _optimize(f, init_mu, init_sigma, lb, ub, solver, generator)
     u = to_controls(z)
-    return HorizonSolution(z=z, u=u, cost=rollout_cost(x_init, u, params))
+    return HorizonSolution(z=z, u=u, cost=_rollout_cost(x_init, u, params, check=False))
+
+
+def _check_x_init(x_init: Tensor) -> None:
+    """Shape and finiteness (one host sync) of the initial states."""
+    if not isinstance(x_init, Tensor):
+        raise TypeError(f"x_init must be a tensor of shape (B, {STATE_DIM}), got {type(x_init)}")
+    if x_init.dim() != 2 or x_init.shape[-1] != STATE_DIM:
+        raise ValueError(f"x_init must have shape (B, {STATE_DIM}), got {tuple(x_init.shape)}")
+    if not x_init.is_floating_point():
+        raise ValueError(f"x_init must be a floating tensor, got {x_init.dtype}")
+    if not bool(torch.isfinite(x_init.detach()).all()):
+        raise ValueError("x_init must be finite (it has NaN or inf entries)")
 
 
 @torch.no_grad()
@@ -249,9 +284,15 @@ def run_mpc(
 
     Returns:
         ``MPCResult(states (B, T + 1, 5), controls (B, T), rewards (B, T), total_reward (B,))``.
+
+    Raises:
+        ValueError, TypeError: ``n_steps`` not an integer ``>= 1``, and as
+            :func:`solve_horizon`.
     """
-    if n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
+    _check_x_init(x_init)
+    params = None if params is None else _params_like(params, x_init)  # checked once here
     if warm_start and decoder is not None:
         raise ValueError("warm_start shifts a plan of controls; it needs decoder=None")
     x, init_mu = x_init, None
