@@ -21,6 +21,8 @@ from dcem.control import (
     solve_horizon,
     step,
 )
+from dcem.world import RSSM, latent_planning_cost, latent_policy, plan, plan_latent
+from dcem.world import ActionDecoder as LatentDecoder
 
 F64 = torch.float64
 
@@ -357,3 +359,68 @@ def test_control_type_errors_name_the_argument() -> None:
         ActionDecoder(2.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="u_lb must be finite"):
         ActionDecoder(2, u_lb=math.nan)
+
+
+# ----------------------------------------------------------------------------- 6.-7. world
+
+
+@pytest.fixture(scope="module")
+def world() -> tuple:
+    torch.manual_seed(0)
+    model = RSSM(5, 2, deter_size=8, stoch_size=3, hidden_size=16)
+    return model, model.initial_state((2,)), LatentDecoder(2, 2, horizon=3, hidden=8)
+
+
+SMALL = dict(n_sample=10, n_elite=2, n_iter=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(action_low=1.0, action_high=-1.0), r"action_low must be < action_high.*action_low"),
+        (dict(action_low=torch.tensor([0.0, 2.0])), r"action_low must be < action_high"),
+        (dict(action_low=math.nan), "action_low must be finite"),
+        (dict(action_high=math.inf), "action_high must be finite"),
+        (dict(horizon=2.5), "horizon must be an integer"),
+        (dict(n_elite=10), "n_elite must be < n_sample"),
+        (dict(init_sigma=math.nan), "init_sigma must be finite"),
+    ],
+)
+def test_plan_value_errors_name_the_public_argument(world: tuple, kwargs: dict, match: str) -> None:
+    model, state, _ = world
+    with pytest.raises(ValueError, match=match) as info:
+        plan(model, state, **{"horizon": 3, **SMALL, **kwargs})
+    assert not any(internal in str(info.value) for internal in ("lb ", "ub ", " lb", " ub"))
+
+
+def test_world_generator_type_errors(world: tuple) -> None:
+    model, state, decoder = world
+    match = "generator must be a torch.Generator or None"
+    with pytest.raises(TypeError, match=match):
+        plan(model, state, horizon=3, generator=123, **SMALL)  # type: ignore[arg-type]
+    for fn in (plan_latent, latent_policy, latent_planning_cost):
+        with pytest.raises(TypeError, match=match):
+            fn(model, decoder, state, generator=123, **SMALL)  # type: ignore[operator]
+    with pytest.raises(TypeError, match="action_low must be a number"):
+        plan(model, state, horizon=3, action_low="a", **SMALL)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="state must be a State"):
+        plan(model, tuple(state), horizon=3, **SMALL)  # type: ignore[arg-type]
+
+
+def test_latent_decoder_and_bounds_checks() -> None:
+    with pytest.raises(ValueError, match="horizon must be an integer"):
+        LatentDecoder(2, 2, horizon=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="latent_bound must be a finite number"):
+        LatentDecoder(2, 2, latent_bound=math.inf)
+    with pytest.raises(ValueError, match="action_low must be finite"):
+        LatentDecoder(2, 2, action_low=math.nan)
+
+
+def test_plan_with_valid_bounds_respects_them(world: tuple) -> None:
+    model, state, _ = world
+    low, high = torch.tensor([-1.0, -0.25]), torch.tensor([0.5, 0.25])
+    first, actions = plan(
+        model, state, horizon=3, action_low=low, action_high=high, return_plan=True, **SMALL
+    )
+    assert actions.shape == (2, 3, 2)
+    assert bool(((actions >= low) & (actions <= high)).all())

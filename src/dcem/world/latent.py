@@ -25,6 +25,7 @@ the ablations): 1,000 imagined trajectories per decision against full CEM's 10,0
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -79,10 +80,14 @@ class ActionDecoder(nn.Module):
         latent_bound: float = 1.0,
     ) -> None:
         super().__init__()
-        if action_size < 1:
-            raise ValueError(f"action_size must be >= 1, got {action_size}")
-        if not latent_bound > 0:
-            raise ValueError(f"latent_bound must be > 0, got {latent_bound}")
+        for name, value in [("latent_dim", latent_dim), ("action_size", action_size),
+                            ("horizon", horizon)]:  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(latent_bound, bool) or not isinstance(latent_bound, (int, float)):
+            raise TypeError(f"latent_bound must be a number, got {type(latent_bound).__name__}")
+        if not 0 < latent_bound < math.inf:
+            raise ValueError(f"latent_bound must be a finite number > 0, got {latent_bound}")
         width = horizon * action_size
         # the cartpole decoder's network with bounds (0, 1): its output is sigmoid(out)
         self.net = _UnitDecoder(
@@ -104,18 +109,28 @@ class ActionDecoder(nn.Module):
 
 
 def _action_bound(name: str, value: float | Tensor, size: int) -> Tensor:
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise TypeError(f"{name} must be a number or an (a,) tensor, got {type(value).__name__}")
     bound = torch.as_tensor(value, dtype=torch.get_default_dtype()).detach()
     if bound.dim() == 0:
-        return bound.expand(size).clone()
-    if bound.shape != (size,):
+        bound = bound.expand(size)
+    elif bound.shape != (size,):
         raise ValueError(f"{name} must be a float or of shape ({size},), got {tuple(bound.shape)}")
+    if not bool(torch.isfinite(bound).all()):
+        raise ValueError(f"{name} must be finite, got {bound.tolist()}")
     return bound.clone()
 
 
 # ----------------------------------------------------------------------------- the problem
 
 
-def _check(model: RSSM, decoder: ActionDecoder, state: State) -> None:
+def _check(
+    model: RSSM, decoder: ActionDecoder, state: State, generator: torch.Generator | None
+) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
     if not isinstance(state, State) or state.deter.dim() != 2:
         shape = tuple(state.deter.shape) if isinstance(state, State) else type(state)
         raise ValueError(f"state must be a State with one batch dimension (B), got deter {shape}")
@@ -231,8 +246,15 @@ def plan_latent(
     Returns:
         ``(B, a)``, the first action of the decoded final DCEM mean; with ``return_plan`` also
         the plan ``(B, H, a)``.
+
+    Raises:
+        ValueError: a state without one batch dimension, a decoder of another action size,
+            decoder bounds outside ``action_low``/``action_high`` (non-finite ones named),
+            and the errors of :func:`dcem.dcem` (sizes, ``tau``, ``init_sigma``).
+        TypeError: ``generator`` not a ``torch.Generator`` or None (also in
+            :func:`latent_policy` and :func:`latent_planning_cost`).
     """
-    _check(model, decoder, state)
+    _check(model, decoder, state, generator)
     _check_inside(decoder, action_low, action_high)
     cost = _costs(model, decoder, state, sample=sample, generator=generator, differentiable=False)
     kw = dict(n_sample=n_sample, n_elite=n_elite, n_iter=n_iter, tau=tau, generator=generator)
@@ -270,7 +292,7 @@ def latent_policy(
     Returns:
         ``(B, a)``; with ``return_plan`` also the decoded plan ``(B, H, a)``.
     """
-    _check(model, decoder, state)
+    _check(model, decoder, state, generator)
     cost = _costs(model, decoder, state, sample=sample, generator=generator, differentiable=True)
     kw = dict(n_sample=n_sample, n_elite=n_elite, n_iter=n_iter, tau=tau, generator=generator)
     z = _solve(cost, decoder, state, init_sigma=init_sigma, backward=backward, **kw)
@@ -309,7 +331,7 @@ def latent_planning_cost(
         A scalar: the mean over ``B`` of the negative imagined return of the decoded solution
         (one rollout per state, its prior noise drawn from the solve's seeded stream).
     """
-    _check(model, decoder, states)
+    _check(model, decoder, states, generator)
     states = State(*(x.detach() for x in states))
     fixed = copy.deepcopy(model).requires_grad_(False)
     cost = _costs(fixed, decoder, states, sample=sample, generator=generator, differentiable=True)

@@ -23,16 +23,33 @@ from dcem.optim import cem
 from dcem.world.rssm import RSSM, State
 
 
-def _bound(value: float | Tensor, name: str, horizon: int, like: Tensor) -> Tensor:
-    """A scalar or ``(a,)`` bound as a ``(H * a,)`` or scalar tensor on ``like``'s device/dtype."""
+def _bound(value: float | Tensor, name: str, like: Tensor) -> Tensor:
+    """A scalar or ``(a,)`` bound as an ``(a,)`` tensor on ``like``'s device and dtype."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise TypeError(f"{name} must be a number or an (a,) tensor, got {type(value).__name__}")
     bound = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     if bound.dim() == 0:
-        return bound
+        return bound.expand(like.shape[-1])
     if bound.shape != like.shape[-1:]:
         raise ValueError(
             f"{name} must be a float or of shape ({like.shape[-1]},), got {tuple(bound.shape)}"
         )
-    return bound.repeat(horizon)
+    return bound
+
+
+def _check_bounds(low: Tensor, high: Tensor) -> None:
+    """Finite action bounds with ``action_low < action_high`` (one host sync)."""
+    ok = torch.stack([torch.isfinite(low).all(), torch.isfinite(high).all(), (low < high).all()])
+    finite_low, finite_high, ordered = ok.tolist()
+    if not finite_low:
+        raise ValueError(f"action_low must be finite, got {low.tolist()}")
+    if not finite_high:
+        raise ValueError(f"action_high must be finite, got {high.tolist()}")
+    if not ordered:
+        raise ValueError(
+            f"action_low must be < action_high in every dimension, got action_low = "
+            f"{low.tolist()} and action_high = {high.tolist()}"
+        )
 
 
 @torch.no_grad()
@@ -69,16 +86,38 @@ def plan(
     Returns:
         ``(B, a)``, the first action of the final CEM mean; with ``return_plan`` also the plan
         ``(B, H, a)``.
+
+    Raises:
+        ValueError: non-finite action bounds or ``action_low >= action_high`` in a dimension
+            (named as such, checked at the call), sizes that are not integers ``>= 1``, and
+            the errors of :func:`dcem.cem` (``n_elite < n_sample``, ``init_sigma``).
+        TypeError: ``generator`` not a ``torch.Generator`` or None, ``state`` not a
+            ``State``, bounds neither numbers nor tensors, ``sample`` not a bool.
     """
+    if not isinstance(state, State):
+        raise TypeError(f"state must be a State, got {type(state).__name__}")
     if state.deter.dim() != 2:
         raise ValueError(
             f"state must have one batch dimension, got deter of shape {tuple(state.deter.shape)}"
         )
-    for name, value in [("horizon", horizon), ("n_sample", n_sample), ("n_iter", n_iter)]:
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    for name, value in [
+        ("horizon", horizon),
+        ("n_sample", n_sample),
+        ("n_iter", n_iter),
+        ("n_elite", n_elite),
+    ]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+    if not isinstance(sample, bool):
+        raise TypeError(f"sample must be True or False, got {sample!r}")
     batch, a = state.deter.shape[0], model.action_size
     like = state.deter.new_empty(a)
+    low, high = _bound(action_low, "action_low", like), _bound(action_high, "action_high", like)
+    _check_bounds(low, high)
     start = State(*(x.repeat_interleave(n_sample, dim=0) for x in state))
 
     def cost(x: Tensor) -> Tensor:  # (B, N, H * a) -> (B, N)
@@ -93,8 +132,8 @@ def plan(
         n_sample=n_sample,
         n_elite=n_elite,
         n_iter=n_iter,
-        lb=_bound(action_low, "action_low", horizon, like),
-        ub=_bound(action_high, "action_high", horizon, like),
+        lb=low.repeat(horizon),
+        ub=high.repeat(horizon),
         generator=generator,
     )
     actions = mu.view(batch, horizon, a)
