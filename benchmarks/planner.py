@@ -19,6 +19,12 @@ The latent decision's floor counts its transitions and the decoder's multiply-ac
 (one decoding per candidate and iteration, and one of the final mean).
 ``speedup_latent_vs_cem`` = full CEM decision time / latent DCEM decision time.
 
+Eager and compiled side by side: the same decisions after ``model.compile()`` (the RSSM's
+imagination rollout through ``torch.compile``, ``--compile-mode``), with the first call's
+time (the compile), the first call at another batch size (``n_sample / 2``: does it compile
+again?), and the first call in a fresh process with the compile cache left warm by this one
+(``compile_s_warm_cache``).
+
 Usage: ``python benchmarks/planner.py --out benchmarks/out/planner.json [--tiny]
 [--device cpu|cuda|all] [--threads N]``.
 """
@@ -196,6 +202,85 @@ def bench_device(c: Config, device: torch.device, dtype: torch.dtype) -> dict:
     }
 
 
+def _setup(c: Config, device: torch.device, dtype: torch.dtype):
+    torch.manual_seed(0)
+    model = RSSM(c.obs_size, c.action_size, deter_size=c.deter_size, stoch_size=c.stoch_size,
+                 hidden_size=c.hidden_size, n_layers=c.n_layers).to(device, dtype)  # fmt: skip
+    g = torch.Generator(device=device).manual_seed(0)
+    sizes = (c.deter_size, c.stoch_size, c.stoch_size, c.stoch_size)
+    state = State(*(torch.randn(1, n, device=device, dtype=dtype, generator=g) for n in sizes))
+    return model, g, state
+
+
+def compile_probe(c: Config, device: torch.device, mode: str) -> dict:
+    """Compile the model and time its first and second decisions."""
+    model, g, state = _setup(c, device, torch.float32)
+    model.compile(mode=mode, dynamic=True)
+
+    def decide() -> None:
+        plan(model, state, horizon=c.horizon, n_iter=c.n_iter, n_sample=c.n_sample,
+             n_elite=c.n_elite, sample=False, generator=g)  # fmt: skip
+
+    first = _timed(decide, device)
+    return {"first_call_s": first, "second_call_s": _timed(decide, device)}
+
+
+def bench_compiled(c: Config, device: torch.device, args: argparse.Namespace, eager: dict) -> dict:
+    """Compiled decisions (prior-mean imagination) against eager ones, and compile costs."""
+    import subprocess
+
+    model, g, state = _setup(c, device, torch.float32)
+
+    def decide(m: RSSM, n: int) -> None:
+        plan(m, state, horizon=c.horizon, n_iter=c.n_iter, n_sample=n,
+             n_elite=min(c.n_elite, n // 2), sample=False, generator=g)  # fmt: skip
+
+    eager_model, _, _ = _setup(c, device, torch.float32)
+    model.compile(mode=args.compile_mode, dynamic=True)
+    compile_s = _timed(lambda: decide(model, c.n_sample), device)
+    decide(model, c.n_sample)
+    half = max(2 * c.n_elite, c.n_sample // 2)
+    new_size_s = _timed(lambda: decide(model, half), device)
+    runs = [
+        (_timed(lambda: decide(eager_model, c.n_sample), device),
+         _timed(lambda: decide(model, c.n_sample), device))
+        for _ in range(c.repeats)
+    ]  # fmt: skip
+    eager_t, comp_t = (list(x) for x in zip(*runs, strict=True))
+    command = [
+        sys.executable,
+        __file__,
+        "--out",
+        "-",
+        "--probe",
+        "--device",
+        device.type,
+        "--threads",
+        str(torch.get_num_threads()),
+        "--compile-mode",
+        args.compile_mode,
+    ]
+    if args.tiny:
+        command.append("--tiny")
+    probe = json.loads(subprocess.run(command, capture_output=True, text=True,
+                                      check=True).stdout.splitlines()[-1])  # fmt: skip
+    floor = eager["floor_s_per_decision"]
+    return {
+        "compile_mode": args.compile_mode,
+        "mean_imagination_eager_s_per_decision": min(eager_t),
+        "mean_imagination_compiled_s_per_decision": min(comp_t),
+        "compiled_ratio_to_floor": min(comp_t) / floor,
+        "eager_mean_ratio_to_floor": min(eager_t) / floor,
+        "compiled_speedup_paired_median": statistics.median(
+            e / t for e, t in zip(eager_t, comp_t, strict=True)
+        ),
+        "compile_s_first_call": compile_s,
+        "compile_s_new_batch_size": new_size_s,
+        "compile_new_batch_size": half,
+        "compile_s_warm_cache": probe["first_call_s"],
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
@@ -204,6 +289,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="'all': the CPU and, when available, CUDA")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch)")
     parser.add_argument("--repeats", type=int, default=None, help="timed decisions per device")
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        help="torch.compile mode (reduce-overhead: CUDA graphs on a GPU)",
+    )
+    parser.add_argument("--no-compile", action="store_true", help="eager only")
+    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = TINY if args.tiny else Config()
@@ -213,7 +305,13 @@ def main(argv: list[str] | None = None) -> None:
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     if not devices:
         parser.error("--device cuda requested but CUDA is not available")
+    if args.probe:  # the fresh process of compile_s_warm_cache: one compiled decision
+        print(json.dumps(compile_probe(config, torch.device(devices[0]), args.compile_mode)))
+        return
     results = [bench_device(config, torch.device(d), torch.float32) for d in devices]
+    if not args.no_compile:
+        for r, d in zip(results, devices, strict=True):
+            r.update(bench_compiled(config, torch.device(d), args, r))
     report = {
         "benchmark": "planner",
         "torch": torch.__version__,
@@ -230,6 +328,15 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     for r in results:
+        if "compile_s_first_call" in r:
+            print(f"{r['device']} compiled ({r['compile_mode']}): "
+                  f"{r['mean_imagination_compiled_s_per_decision']:.3f} s vs eager "
+                  f"{r['mean_imagination_eager_s_per_decision']:.3f} s per decision "
+                  f"(ratio to floor {r['compiled_ratio_to_floor']:.2f} vs "
+                  f"{r['eager_mean_ratio_to_floor']:.2f}); "
+                  f"compile {r['compile_s_first_call']:.1f} s, "
+                  f"new batch size {r['compile_s_new_batch_size']:.1f} s, warm cache "
+                  f"{r['compile_s_warm_cache']:.1f} s")  # fmt: skip
         print(
             f"{r['device']}: {r['decisions_per_s']:.3f} decisions/s "
             f"({r['s_per_decision']:.3f} s; floor {r['floor_s_per_decision']:.3f} s; "

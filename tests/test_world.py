@@ -404,10 +404,11 @@ def test_planner_respects_bounds():
 def test_planner_benchmark_tiny(tmp_path):
     out = tmp_path / "planner.json"
     subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "planner.py"), "--tiny", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "planner.py"), "--tiny", "--out", str(out),
+         "--device", "cpu"],
         check=True,
-        timeout=120,
-    )
+        timeout=300,
+    )  # fmt: skip
     result = json.loads(out.read_text())
     (cpu,) = [r for r in result["results"] if r["device"] == "cpu"]
     for key in ("decisions_per_s", "s_per_decision", "floor_s_per_decision", "ratio_to_floor"):
@@ -426,6 +427,16 @@ def test_planner_benchmark_tiny(tmp_path):
     assert cpu["speedup_latent_vs_cem"] == pytest.approx(
         cpu["s_per_decision"] / cpu["latent_s_per_decision"]
     )
+    # eager and compiled side by side, with the compile's costs
+    for key in ("mean_imagination_eager_s_per_decision",
+                "mean_imagination_compiled_s_per_decision", "compile_s_first_call",
+                "compile_s_new_batch_size", "compile_s_warm_cache"):  # fmt: skip
+        assert cpu[key] > 0, key
+    assert cpu["compiled_ratio_to_floor"] == pytest.approx(
+        cpu["mean_imagination_compiled_s_per_decision"] / cpu["floor_s_per_decision"]
+    )
+    # dynamic shapes: another batch size does not compile again (a compile takes seconds)
+    assert cpu["compile_s_new_batch_size"] < cpu["compile_s_first_call"] / 2
 
 
 def test_benchmark_counts_every_weight_of_a_transition_once(monkeypatch):

@@ -342,7 +342,17 @@ class RSSM(nn.Module):
         Returns:
             ``(H, ...)``: predicted reward after each action.
         """
-        noise = self._imagination_noise(state, actions, sample, generator)
+        return self(state, actions, self._imagination_noise(state, actions, sample, generator))
+
+    def forward(self, state: State, actions: Tensor, noise: Tensor) -> Tensor:
+        """The imagination rollout of :meth:`imagine` with its prior noise given.
+
+        ``state (...)``, ``actions (H, ..., a)``, ``noise (H, ..., stoch_size)`` (zeros: the
+        prior mean) ``-> (H, ...)`` predicted rewards. This is the planners' hot loop, and what
+        ``model.compile()`` (PyTorch's ``nn.Module.compile``) compiles in place: an opt-in
+        that pays for a long planning run, not for a few calls (measured in
+        ``benchmarks/planner.py``).
+        """
         rewards = []
         for t in range(actions.shape[0]):
             state = self.transition(state, actions[t], noise=noise[t])
