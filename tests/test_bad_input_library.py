@@ -424,3 +424,32 @@ def test_plan_with_valid_bounds_respects_them(world: tuple) -> None:
     )
     assert actions.shape == (2, 3, 2)
     assert bool(((actions >= low) & (actions <= high)).all())
+
+
+# ----------------------------------------------------------------------------- more gaps
+
+
+@pytest.mark.parametrize("max_iter", [0, -1, 2.5])
+def test_lml_rejects_a_bad_max_iter(max_iter) -> None:
+    with pytest.raises(ValueError, match="max_iter must be None or an integer >= 1"):
+        dcem.lml(torch.randn(2, 5), 2, max_iter=max_iter)
+
+
+def test_one_step_functions_check_shapes_n_elite_and_tau() -> None:
+    mu, sigma = torch.zeros(2, 3), torch.ones(2, 3)
+    with pytest.raises(ValueError, match=r"eps of shape \(B, N, d\).*eps \(2, 10, 4\)"):
+        dcem.dcem_step(sphere, mu, sigma, torch.randn(2, 10, 4), n_elite=2, tau=1.0)
+    with pytest.raises(ValueError, match="tau must be a finite number"):
+        dcem.dcem_step(sphere, mu, sigma, torch.randn(2, 10, 3), n_elite=2, tau=math.nan)
+    with pytest.raises(ValueError, match="n_elite must be < N"):
+        dcem.cem_step(sphere, mu, sigma, torch.randn(2, 10, 3), n_elite=20)
+    # valid arguments: the same step as before, weights summing to n_elite
+    out = dcem.dcem_step(
+        sphere, mu, sigma, torch.randn(2, 10, 3, generator=gen()), n_elite=2, tau=1.0
+    )
+    torch.testing.assert_close(out[4].sum(-1), torch.full((2,), 2.0))
+
+
+def test_sample_initial_states_rejects_an_integer_dtype() -> None:
+    with pytest.raises(ValueError, match="dtype must be a floating dtype"):
+        sample_initial_states(3, dtype=torch.int64)

@@ -490,10 +490,15 @@ def lml(x: Tensor, k: float, tau: float = 1.0, *, max_iter: int | None = None) -
 
     Raises:
         ValueError: non-floating ``x``, empty last dimension, ``k`` outside
-            ``[1, n]``, ``tau <= 0``, NaN in ``x``, or more ``+inf`` entries than
+            ``[1, n]``, ``tau`` not a finite number ``> 0``, ``max_iter`` not None or an
+            integer ``>= 1``, NaN in ``x``, or more ``+inf`` entries than
             ``k`` (``-inf`` than ``n - k``) in a row.
     """
     _validate(x, k, tau)
+    if max_iter is not None and (
+        isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1
+    ):
+        raise ValueError(f"max_iter must be None or an integer >= 1, got {max_iter!r}")
     if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
         return _LMLFunction.apply(x, k, float(tau), max_iter)
     return _apply_positional(x, k, float(tau), max_iter)

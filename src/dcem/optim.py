@@ -652,7 +652,45 @@ def dcem_step(
     Returns ``(mu, sigma, samples, costs, weights)``: the refitted ``(B, d)`` mean
     and std, the ``(B, N, d)`` samples, their ``(B, N)`` costs and the soft elite
     weights ``lml(scores, n_elite, tau)``. Differentiable in everything.
+
+    The shapes, ``n_elite`` and ``tau`` are checked (no host sync); the values of
+    ``mu`` and ``sigma`` are not (:func:`dcem` checks its inputs once).
     """
+    _check_step(mu, sigma, eps, n_elite)
+    _check_tau(tau)
+    return _dcem_step(
+        f, mu, sigma, eps, n_elite=n_elite, tau=tau, lb=lb, ub=ub, normalize=normalize
+    )
+
+
+def _check_step(mu: Tensor, sigma: Tensor, eps: Tensor, n_elite: int) -> None:
+    """Shapes of one step's arguments (Python only: no host sync)."""
+    ok = isinstance(mu, Tensor) and isinstance(sigma, Tensor) and isinstance(eps, Tensor)
+    if not (ok and mu.dim() == 2 and sigma.shape == mu.shape and eps.dim() == 3
+            and eps.shape[0] == mu.shape[0] and eps.shape[2] == mu.shape[1]):  # fmt: skip
+        shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t) for t in (mu, sigma, eps)]
+        raise ValueError(
+            "mu and sigma must be tensors of shape (B, d) and eps of shape (B, N, d), got "
+            f"mu {shapes[0]}, sigma {shapes[1]}, eps {shapes[2]}"
+        )
+    _check_int("n_elite", n_elite, 1)
+    if n_elite >= eps.shape[1]:
+        raise ValueError(f"n_elite must be < N = eps.shape[1], got {n_elite} and eps {eps.shape}")
+
+
+def _dcem_step(
+    f: Cost,
+    mu: Tensor,
+    sigma: Tensor,
+    eps: Tensor,
+    *,
+    n_elite: int,
+    tau: float,
+    lb: Tensor | None = None,
+    ub: Tensor | None = None,
+    normalize: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`dcem_step` without the argument checks (what :func:`dcem` calls)."""
     reparam = lb is None and ub is None and eps.numel() >= _REPARAM_REFIT_MIN
     if reparam and _fusable():
         x = _apply_sample(mu, sigma, eps)
@@ -741,8 +779,9 @@ def cem_step(
 
     Returns ``(mu, sigma, samples, costs, weights)`` like :func:`dcem_step`, with
     0/1 weights. (``normalize`` does not change the ranking; it is accepted for
-    symmetry with :func:`dcem_step`.)
+    symmetry with :func:`dcem_step`.) Shapes and ``n_elite`` are checked as there.
     """
+    _check_step(mu, sigma, eps, n_elite)
     return _cem_update(f, _sample(mu, sigma, eps, lb, ub), n_elite)
 
 
@@ -821,7 +860,7 @@ def _replayed_step(
         gen.set_state(state)
         eps = torch.randn(shape, generator=gen, device=mu.device, dtype=mu.dtype)
         after[:] = [gen.get_state()]
-        return dcem_step(f, mu, sigma, eps, **kw)
+        return _dcem_step(f, mu, sigma, eps, **kw)
 
     return run
 
@@ -930,7 +969,7 @@ def dcem(
             if backward == "pruned":
                 out = _dcem_step_pruned(f, mu, sigma, eps, n_keep=n_keep, n_anchor=n_anchor, **kw)
             else:
-                out = dcem_step(f, mu, sigma, eps, **kw)
+                out = _dcem_step(f, mu, sigma, eps, **kw)
         mu, sigma = out[0], out[1]
         if callback is not None:
             x, v, w = (a.detach() for a in out[2:])

@@ -355,6 +355,8 @@ def sample_initial_states(
         raise TypeError(
             f"generator must be a torch.Generator or None, got {type(generator).__name__}"
         )
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
     if device is None and generator is not None:
         device = generator.device
     half_width = torch.tensor([0.5, 0.5, math.pi, 1.0], dtype=dtype, device=device)
