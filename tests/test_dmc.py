@@ -465,3 +465,13 @@ def test_an_interrupted_run_ends_cleanly_and_resumes(sig: int, tmp_path: Path) -
     straight = tmp_path / "straight"
     assert _cli("train", *args, "--out", straight).returncode == 0
     assert _without_time(_rows(out)) == _without_time(_rows(straight))
+
+
+def test_a_compiled_run_trains_and_says_nothing_about_falling_back(tmp_path: Path) -> None:
+    done = _cli("train", *QUICK, "--compile", "--env-steps", "400", "--out", tmp_path / "run",
+                timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "torch.compile failed" not in done.stderr
+    assert dmc.load_config(tmp_path / "run").compile
+    rows = [r for r in _rows(tmp_path / "run") if r["phase"] == "train"]
+    assert rows and float(rows[0]["plan_seconds"]) > 0

@@ -143,11 +143,14 @@ class Agent:
             stoch_size=cfg.stoch_size, hidden_size=cfg.hidden_size,
         ).to(self.device)  # fmt: skip
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+        if cfg.compile:
+            self.model.compile(dynamic=True)
         self.replay = ReplayBuffer(env.obs_size, env.action_size, seed=_seed(cfg.seed, 0))
         self.generator = torch.Generator(self.device).manual_seed(_seed(cfg.seed, TRAIN_STREAM))
         self.low = torch.as_tensor(env.action_low, device=self.device)
         self.high = torch.as_tensor(env.action_high, device=self.device)
         self.counters = {"episode": 0, "env_step": 0, "updates": 0, "evals": 0, "warmup": 0}
+        self._compile_checked = False
         self.wall_seconds = 0.0
         self.planner = cfg.planner
         self.cem_sizes = (cfg.plan_samples, cfg.plan_elites, cfg.plan_iter)
@@ -161,12 +164,34 @@ class Agent:
             self.decoder_opt = torch.optim.Adam(self.decoder.parameters(), lr=cfg.decoder_lr)
 
     # ---------------------------------------------------------------- acting
-    @torch.no_grad()
     def act(
         self, belief: State, prev_action: Tensor, obs: np.ndarray, *, explore: bool,
         generator: torch.Generator,
     ) -> tuple[State, Tensor]:  # fmt: skip
-        """Filter the belief with ``obs`` and plan: returns the new belief and action ``(a,)``."""
+        """Filter the belief with ``obs`` and plan: returns the new belief and action ``(a,)``.
+
+        With ``compile``, a compilation that fails falls back to eager (one warning).
+        """
+        if not self.cfg.compile or self._compile_checked:
+            return self._act(belief, prev_action, obs, explore=explore, generator=generator)
+        state = generator.get_state()
+        try:
+            result = self._act(belief, prev_action, obs, explore=explore, generator=generator)
+        except Exception as err:  # the compiler raises many types
+            first = str(err).splitlines()[0] if str(err) else ""
+            log.warning("torch.compile failed (%s: %s); planning eagerly", type(err).__name__,
+                        first)  # fmt: skip
+            torch.compiler.set_stance("force_eager")
+            generator.set_state(state)
+            result = self._act(belief, prev_action, obs, explore=explore, generator=generator)
+        self._compile_checked = True
+        return result
+
+    @torch.no_grad()
+    def _act(
+        self, belief: State, prev_action: Tensor, obs: np.ndarray, *, explore: bool,
+        generator: torch.Generator,
+    ) -> tuple[State, Tensor]:  # fmt: skip
         obs_t = torch.as_tensor(obs, device=self.device)[None]
         belief = self.model.belief(belief, prev_action[None], obs_t, generator=generator)
         if self.planner == "latent":

@@ -138,6 +138,13 @@ class DMCConfig:
         ),
     )
     device: str = field(default="cpu", metadata=_doc("torch device of model and planner"))
+    compile: bool = field(
+        default=True,
+        metadata=_doc(
+            "compile the model's imagination rollout (torch.compile, dynamic shapes; "
+            "about a minute once, then faster planning)"
+        ),  # fmt: skip
+    )
 
     def __post_init__(self) -> None:
         task_spec(self.task)  # unknown names raise, listing the known ones
@@ -218,6 +225,7 @@ QUICK = {
     "seed_episodes": 1, "update_every": 100,
     "updates_per_round": 3, "batch_size": 4, "seq_len": 8, "deter_size": 16, "stoch_size": 4,
     "hidden_size": 16, "horizon": 3, "plan_iter": 2, "plan_samples": 20, "plan_elites": 4,
-    "eval_every": 400, "eval_episodes": 1,
+    "eval_every": 400, "eval_episodes": 1, "compile": False,
 }  # fmt: skip
-"""Tiny budget exercising every step (the smoke test; ``dcem dmc train --quick``)."""
+"""Tiny budget exercising every step (the smoke test; ``dcem dmc train --quick``); no compile,
+which would take longer than the run."""
