@@ -136,7 +136,8 @@ def _bad(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         (["--taus", "1,1"], "--taus"),
         (["--horizon", "0"], "--horizon"),
         (["--horizon", "x"], "--horizon"),
-        (["--iterations", "0"], "--iterations"),
+        (["--updates", "0"], "--updates"),
+        (["--iterations", "0"], "--iterations"),  # the old name of --updates
         (["--seeds", "0,x"], "--seeds"),
         (["--workers", "0"], "--workers"),
         (["--quick", "--grid"], "--grid"),
@@ -172,8 +173,10 @@ def test_out_folder_with_another_cartpole_config_is_refused(
     out.mkdir()
     record = {"experiment": "cartpole", "config": CartpoleConfig.quick(n_iter=7).to_json()}
     (out / "config.json").write_text(json.dumps(record))
+    common.save_checkpoint(out / "ckpt" / "d2-tau1-s0.pt", {"iteration": 5})  # a result
     line = _bad(["--quick", "--out", str(out)], capsys)
     assert "--out" in line and "different config" in line and "n_iter" in line
+    assert "--overwrite" in line  # how to go on
 
 
 def test_plot_only_without_results_is_refused(
@@ -288,7 +291,7 @@ def _start_and_kill_after(command: list[str], checkpoint: Path) -> int:
 
 
 def test_killed_run_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path: Path) -> None:
-    args = ["--quick", "--seeds", "0", "--taus", "1", "--iterations", "100", "--workers", "1"]
+    args = ["--quick", "--seeds", "0", "--taus", "1", "--updates", "100", "--workers", "1"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     done = _dcem_cli(*args, "--out", straight)
     assert done.returncode == 0, done.stderr

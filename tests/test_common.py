@@ -352,3 +352,54 @@ def test_save_job_appends_rows_empties_them_and_checkpoints(tmp_path: Path) -> N
     assert rows == []
     assert (tmp_path / "jobs" / "k.csv").read_text() == "update,loss\n1,0.5\n2,0.25\n"
     assert common.load_checkpoint(tmp_path / "ckpt" / "k.pt") == {"update": 2}
+
+
+def test_check_out_folder_states_and_takeover_of_a_run_without_results(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert common.check_out_folder(out, "exp", {"a": 1}) == "new"
+    out.mkdir()
+    (out / "config.json").write_text('{"experiment": "exp", "config": {"a": 1}}')
+    (out / "expert.json").write_text("{}")  # a cache: not a result
+    assert common.check_out_folder(out, "exp", {"a": 1}) == "resume"
+    assert not common.has_results(out)
+    assert common.check_out_folder(out, "exp", {"a": 2}, takeover=True) == "replace"
+    with pytest.raises(common.RunFolderError, match="different config.*; choose another --out$"):
+        common.check_out_folder(out, "exp", {"a": 2})  # without takeover (dmc's way)
+    common.save_checkpoint(out / "ckpt" / "k.pt", {"step": 1})
+    assert common.has_results(out)
+    with pytest.raises(common.RunFolderError, match=re.escape(common.OVERWRITE_HINT)):
+        common.check_out_folder(out, "exp", {"a": 2}, takeover=True, hint=common.OVERWRITE_HINT)
+
+
+def test_truncate_csv_names_a_damaged_row(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    path.write_text("update,loss\n1,0.5\nx,0.4\n")
+    with pytest.raises(common.RunFolderError, match=r"m\.csv line 3 is damaged"):
+        common.truncate_csv(path, ["update", "loss"], lambda row: int(row["update"]) <= 1)
+    assert path.read_text() == "update,loss\n1,0.5\nx,0.4\n"  # untouched
+
+
+def test_load_summary_names_what_a_folder_holds(tmp_path: Path) -> None:
+    with pytest.raises(common.RunFolderError, match="has no summary.json"):
+        common.load_summary(tmp_path, "regression")
+    (tmp_path / "summary.json").write_text('{"experiment": "cartpole"}')
+    with pytest.raises(common.RunFolderError, match=re.escape(
+        f"holds a cartpole run, not a regression run; draw it with: dcem cartpole --plot-only "
+        f"--out {tmp_path}"
+    )):  # fmt: skip
+        common.load_summary(tmp_path, "regression")
+    assert common.load_summary(tmp_path, "cartpole") == {"experiment": "cartpole"}
+    (tmp_path / "summary.json").write_text('{"experiment": "cartp')
+    with pytest.raises(common.RunFolderError, match="is unreadable"):
+        common.load_summary(tmp_path, "cartpole")
+
+
+def test_log_resumed_says_what_is_done_and_what_continues(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("dcem.test_resumed")
+    with caplog.at_level("INFO", logger=logger.name):
+        common.log_resumed(logger, Path("runs/x"), 3, 6, 2, "jobs")
+        common.log_resumed(logger, Path("runs/x"), 6, 6, 0, "runs")
+    assert [r.getMessage() for r in caplog.records] == [
+        "resumed runs/x: 3 of 6 jobs done; 2 of the 3 left continue from checkpoints",
+        "resumed runs/x: 6 of 6 runs done; rewriting the summary and figures",
+    ]

@@ -545,7 +545,10 @@ def _expert(cfg: CartpoleConfig, out: Path) -> dict[str, Any]:
     """Evaluate the experts once on the validation set; cached as expert.json / expert.npz."""
     path = out / "expert.json"
     if path.is_file() and (out / "expert.npz").is_file():
-        return dict(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            return dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as err:  # a cache: computed again
+            log.warning("%s is unreadable (%s); evaluating the expert again", path, err)
     states = validation_states(n=cfg.n_validation)
     mean_cost, best_cost = _expert_costs(states, EXPERT_CEM, cfg.horizon, cfg.eval_seed)
     ref_cost, _ = _expert_costs(states, REFERENCE_EXPERT_CEM, cfg.horizon, cfg.eval_seed)
@@ -577,8 +580,11 @@ def _expert(cfg: CartpoleConfig, out: Path) -> dict[str, Any]:
 
 
 def check_out_folder(out: Path, cfg: CartpoleConfig) -> None:
-    """Raise :class:`RunFolderError` unless ``out`` is new, empty, or a cartpole run of ``cfg``."""
-    common.check_out_folder(out, EXPERIMENT, cfg.to_json())
+    """Raise :class:`RunFolderError` unless ``out`` is new, empty, a cartpole run of ``cfg``,
+    or a cartpole run that saved no results yet (which :func:`run` starts over)."""
+    common.check_out_folder(
+        out, EXPERIMENT, cfg.to_json(), takeover=True, hint=common.OVERWRITE_HINT
+    )
 
 
 def _job_done(out: Path, key: str) -> bool:
@@ -586,24 +592,28 @@ def _job_done(out: Path, key: str) -> bool:
 
 
 def run(
-    cfg: CartpoleConfig, out: str | os.PathLike[str], workers: int = 2, progress: bool = True
-) -> dict[str, Any]:
+    cfg: CartpoleConfig, out: str | os.PathLike[str], workers: int = 2, progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     """Run (or resume) every (latent_dim, tau, seed) of ``cfg`` in ``out``, summarize, plot.
 
     ``workers``: parallel processes (1 runs everything in this process). ``progress``: a tqdm
-    bar on a terminal, else a log line a minute. Returns the summary (also summary.json).
+    bar on a terminal, else a log line a minute. ``overwrite``: delete the dcem run in ``out``
+    first (see :func:`common.run_folder`, which also says which folders are refused).
+    Returns the summary (also summary.json).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     out = Path(out)
-    check_out_folder(out, cfg)
     start = time.perf_counter()
-    with common.lock_folder(out):
-        record = common.run_record(EXPERIMENT, cfg.to_json())
-        if not (out / "config.json").exists():
-            common.atomic_write_json(out / "config.json", record)
-        elif json.loads((out / "config.json").read_text())["git_commit"] != record["git_commit"]:
-            log.warning("%s was started at another commit; continuing with this code", out)
+    with common.run_folder(
+        out, EXPERIMENT, cfg.to_json(), overwrite=overwrite, logger=log
+    ) as resumed:
+        if resumed:
+            left = [run_key(*r) for r in cfg.runs() if not _job_done(out, run_key(*r))]
+            started = sum((out / "ckpt" / f"{key}.pt").exists() for key in left)
+            total = len(cfg.runs())
+            common.log_resumed(log, out, total - len(left), total, started, "runs")
         expert = _expert(cfg, out)
         log.info(
             "expert reward %.3f (reference expert %.3f, best sample %.3f)",
@@ -756,24 +766,31 @@ def plot(out: str | os.PathLike[str]) -> list[Path]:
     ``surfaces.png`` needs runs with latent dimension 2 and is skipped without them.
     """
     out = Path(out)
-    if not (out / "summary.json").is_file():
-        raise RunFolderError(f"{out} has no summary.json; run the experiment first")
-    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    runs = summary["runs"]
-    taus = sorted({r["tau"] for r in runs}, reverse=True)
-    dims = sorted({r["latent_dim"] for r in runs})
-    seed = min(r["seed"] for r in runs)
-    rows = common.read_csv(out / "metrics.csv")
+    summary = common.load_summary(out, EXPERIMENT)
+    try:
+        runs = summary["runs"]
+        taus = sorted({r["tau"] for r in runs}, reverse=True)
+        dims = sorted({r["latent_dim"] for r in runs})
+        seed = min(r["seed"] for r in runs)
+        rows = common.read_csv(out / "metrics.csv")
+        d = 2 if 2 in dims else dims[0]
+        surfaces = (
+            {tau: _load_npz(out / "jobs" / f"{run_key(2, tau, seed)}.npz") for tau in taus}
+            if 2 in dims else None
+        )  # fmt: skip
+        latent = _load_npz(out / "jobs" / f"{run_key(d, taus[0], seed)}.npz")
+        expert = _load_npz(out / "expert.npz")
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        raise RunFolderError(
+            f"{out} has missing or damaged result files ({type(err).__name__}: {err}); rerun "
+            "the command that made it to rewrite them"
+        ) from err
     paths = [
         _save(_plot_improvement(summary, dims, taus), out, "improvement_factor"),
         _save(_plot_convergence(rows, summary["expert_reward"], dims, taus), out, "convergence"),
     ]
-    if 2 in dims:
-        npz = {tau: _load_npz(out / "jobs" / f"{run_key(2, tau, seed)}.npz") for tau in taus}
-        paths.append(_save(_plot_surfaces(npz), out, "surfaces"))
-    d = 2 if 2 in dims else dims[0]
-    latent = _load_npz(out / "jobs" / f"{run_key(d, taus[0], seed)}.npz")
-    expert = _load_npz(out / "expert.npz")
+    if surfaces is not None:
+        paths.append(_save(_plot_surfaces(surfaces), out, "surfaces"))
     paths.append(_save(_plot_iterates(expert, latent, d, taus[0]), out, "iterates"))
     return paths
 

@@ -11,10 +11,12 @@
 - :func:`seed_everything`, CSV append/read/truncate, a folder lock, and the Student-t 95%
   confidence interval (:func:`mean_ci95`) used for the seed bands in the figures.
 - The run machinery of the experiments: :func:`check_out_folder` (refuse a folder holding
-  another experiment or config), :func:`job_done` / :func:`checkpointed` (what is left to do),
+  another experiment or config), :func:`run_folder` (create, lock and claim it: take over a
+  run that saved no results, or delete an old run with ``overwrite``), :func:`load_summary`
+  (a run's summary for its figures), :func:`job_done` / :func:`checkpointed` (what is left to do),
   :func:`job_slot` / :func:`save_job` (one job's lock and checkpoints), :class:`RunProgress`
   (a bar or sparse log lines) and :func:`run_jobs` (in this process or in a pool of spawned
-  workers that report progress through a queue).
+  workers that report progress through a queue; an error or interrupt stops every worker).
 """
 
 from __future__ import annotations
@@ -33,8 +35,11 @@ import os
 import platform
 import queue
 import random
+import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -46,7 +51,9 @@ import torch
 __all__ = [
     "CheckpointError",
     "FolderLockedError",
+    "OVERWRITE_HINT",
     "ProgressFn",
+    "RESULT_FILES",
     "RunFolderError",
     "RunProgress",
     "append_csv",
@@ -57,14 +64,18 @@ __all__ = [
     "checkpointed",
     "config_diff",
     "git_commit",
+    "has_results",
     "job_done",
     "job_slot",
     "keep_freed_memory",
     "load_checkpoint",
+    "load_summary",
     "lock_file",
     "lock_folder",
+    "log_resumed",
     "mean_ci95",
     "read_csv",
+    "run_folder",
     "run_jobs",
     "run_record",
     "save_checkpoint",
@@ -73,6 +84,8 @@ __all__ = [
     "t_quantile",
     "truncate_csv",
 ]
+
+log = logging.getLogger(__name__)
 
 _CKPT_MAGIC = b"DCEMCKPT1\n"
 _DIGEST_LEN = 64  # hex characters of a SHA-256 digest
@@ -84,6 +97,10 @@ class CheckpointError(ValueError):
 
 class FolderLockedError(RuntimeError):
     """Another process holds the lock of a run folder."""
+
+
+class RunFolderError(ValueError):
+    """The output folder holds something this run must not resume from or overwrite."""
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -246,11 +263,23 @@ def truncate_csv(
 ) -> int:
     """Rewrite the CSV at ``path`` atomically with only the rows where ``keep(row)``.
 
-    Returns the number of rows kept. A missing file is left missing (0 rows).
+    Returns the number of rows kept. A missing file is left missing (0 rows). A row that
+    ``keep`` cannot read (``ValueError``, ``KeyError``, ``TypeError``: a damaged file) raises
+    :class:`RunFolderError` naming the file and the row.
     """
     if not Path(path).exists():
         return 0
-    rows = [row for row in read_csv(path) if keep(row)]
+    rows = []
+    for number, row in enumerate(read_csv(path), start=2):  # line 1 is the header
+        try:
+            kept = keep(row)
+        except (ValueError, KeyError, TypeError) as err:
+            raise RunFolderError(
+                f"{path} line {number} is damaged ({err}); delete the run's folder or rerun "
+                "with --overwrite to start over"
+            ) from err
+        if kept:
+            rows.append(row)
     with atomic_open(path, "w") as handle:
         writer = csv.DictWriter(handle, fieldnames=fieldnames, lineterminator="\n")
         writer.writeheader()
@@ -350,10 +379,6 @@ def mean_ci95(values: Any, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- run folders and jobs
 
 
-class RunFolderError(ValueError):
-    """The output folder holds something this run must not resume from or overwrite."""
-
-
 def config_diff(
     old: Mapping[str, Any], new: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
 ) -> str:
@@ -366,34 +391,213 @@ def config_diff(
                      for k in diff[:3])  # fmt: skip
 
 
+OVERWRITE_HINT = "choose another --out, or add --overwrite to delete it"
+"""How to go on from a refused run folder, for experiments whose command has ``--overwrite``."""
+
+RESULT_FILES = ("summary.json", "ckpt/*.pt", "jobs/*.json", "jobs/*.npz")
+"""What a run saves as it goes (relative glob patterns): a folder holding none of them can be
+taken over by a run of another config (see :func:`run_folder`)."""
+
+
+def _is_empty(out: Path) -> bool:
+    return not out.exists() or not [p for p in out.iterdir() if p.name != ".lock"]
+
+
+def _read_record(out: Path, hint: str) -> dict[str, Any]:
+    """``out/config.json`` as a dict naming its experiment; :class:`RunFolderError` if it is
+    missing or unreadable (then ``out`` is not known to be a dcem run folder)."""
+    path = out / "config.json"
+    if not path.is_file():
+        raise RunFolderError(f"{out} is not empty and holds no config.json; {hint}")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunFolderError(f"{path} is unreadable ({err}); {hint}") from err
+    if not (isinstance(record, dict) and isinstance(record.get("experiment"), str)
+            and isinstance(record.get("config", {}), dict)):  # fmt: skip
+        raise RunFolderError(f"{path} is not a dcem run record; {hint}")
+    return record
+
+
+def has_results(out: Path) -> bool:
+    """Whether ``out`` holds anything a run saved as it went (:data:`RESULT_FILES`)."""
+    return any(any(out.glob(pattern)) for pattern in RESULT_FILES)
+
+
 def check_out_folder(
-    out: Path, experiment: str, config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
-) -> None:
+    out: Path, experiment: str, config: Mapping[str, Any],
+    defaults: Mapping[str, Any] | None = None, *, takeover: bool = False,
+    hint: str = "choose another --out",
+) -> str:  # fmt: skip
     """Raise :class:`RunFolderError` unless ``out`` is new, empty, or a run of ``experiment``.
 
     ``config``: the resolved config of this run as JSON values (the config's ``to_json()``);
     a folder whose ``config.json`` records another config is refused, naming up to three of
     the differing fields (see :func:`config_diff`; ``defaults`` stand in for fields an older
-    record lacks). A folder holding only its ``.lock`` counts as empty.
+    record lacks). A folder holding only its ``.lock`` counts as empty. Refusals end with
+    ``hint`` (how to go on). Returns ``"new"`` (missing or empty), ``"resume"`` (the same
+    experiment and config) or, with ``takeover``, ``"replace"``: a run of ``experiment`` with
+    another config that saved no results yet (:func:`has_results`).
     """
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"{out} exists and is not a folder")
-    if not out.exists() or not [p for p in out.iterdir() if p.name != ".lock"]:
-        return
-    record_path = out / "config.json"
-    if not record_path.is_file():
-        raise RunFolderError(f"{out} is not empty and holds no config.json; choose another folder")
     try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise RunFolderError(f"{record_path} is unreadable ({err}); choose another folder") from err
-    if record.get("experiment") != experiment:
+        if out.exists() and not out.is_dir():
+            raise RunFolderError(f"{out} exists and is not a folder; choose another --out")
+        if _is_empty(out):
+            return "new"
+        record = _read_record(out, "choose another --out")
+    except OSError as err:
+        raise RunFolderError(f"{out} cannot be read ({err}); choose another --out") from err
+    if record["experiment"] != experiment:
         raise RunFolderError(
-            f"{out} holds results of experiment {record.get('experiment')!r}, not {experiment!r}"
+            f"{out} holds results of experiment {record['experiment']!r}, not {experiment!r}; "
+            f"{hint}"
         )
     detail = config_diff(record.get("config", {}), config, defaults)
-    if detail:
-        raise RunFolderError(f"{out} holds a {experiment} run with a different config ({detail})")
+    if not detail:
+        return "resume"
+    if takeover and not has_results(out):
+        return "replace"
+    raise RunFolderError(
+        f"{out} holds a {experiment} run with a different config ({detail}); {hint}"
+    )
+
+
+def _dcem_run_in(out: Path) -> str | None:
+    """The experiment of the dcem run in ``out`` that ``--overwrite`` may delete; ``None`` for a
+    new or empty folder. Anything else (a file, a folder without a readable config.json)
+    raises :class:`RunFolderError`."""
+    hint = "--overwrite deletes only dcem run folders: choose another --out"
+    try:
+        if out.exists() and not out.is_dir():
+            raise RunFolderError(f"{out} exists and is not a folder; {hint}")
+        return None if _is_empty(out) else str(_read_record(out, hint)["experiment"])
+    except OSError as err:
+        raise RunFolderError(f"{out} cannot be read ({err}); choose another --out") from err
+
+
+def _make_folder(out: Path) -> None:
+    """``mkdir -p out``; :class:`RunFolderError` saying why not (e.g. a file on the path)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        base = next((p for p in out.parents if p.exists()), None)
+        if base is not None and not base.is_dir():
+            why = f"{base} is a file, not a folder"
+        else:
+            why = f"{err.strerror or err} (in {base})"
+        raise RunFolderError(f"cannot create {out}: {why}; choose another --out") from err
+
+
+def _clear_folder(out: Path) -> None:
+    """Delete everything in ``out`` but its ``.lock`` (held by this process)."""
+    for entry in out.iterdir():
+        if entry.name == ".lock":
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+@contextlib.contextmanager
+def run_folder(
+    out: Path, experiment: str, config: Mapping[str, Any], *, overwrite: bool = False,
+    logger: logging.Logger = log,
+) -> Iterator[bool]:  # fmt: skip
+    """Create and lock ``out`` for a run of ``experiment`` with ``config`` (JSON values);
+    yields whether it resumes a run of the same config. Checks first, writes nothing if
+    they fail:
+
+    - a new or empty folder gets ``config.json`` (:func:`run_record`);
+    - a run of the same experiment and config is resumed (a warning if the code changed);
+    - a run of the same experiment with another config that saved no results yet (one that
+      failed or was stopped before its first checkpoint) is emptied and started over with
+      ``config``, with a log line: it must not block the corrected command;
+    - with ``overwrite``, any dcem run folder (its ``config.json`` names an experiment) is
+      emptied first;
+    - anything else raises :class:`RunFolderError` ending with :data:`OVERWRITE_HINT` (or
+      why ``overwrite`` does not apply); a folder that cannot be created raises it too, and a
+      folder in use by another process :class:`FolderLockedError`.
+    """
+    out = Path(out)
+
+    def check() -> str | None:
+        if overwrite:
+            return _dcem_run_in(out)
+        state = check_out_folder(out, experiment, config, takeover=True, hint=OVERWRITE_HINT)
+        return experiment if state == "replace" else None
+
+    check()
+    _make_folder(out)
+    with lock_folder(out):
+        old = check()  # again, holding the lock
+        if old is not None:
+            _clear_folder(out)
+            if overwrite:
+                logger.info("deleted the %s run in %s (--overwrite)", old, out)
+            else:
+                logger.info(
+                    "%s held a %s run of another config that had saved no results; starting "
+                    "over with this config", out, experiment,
+                )  # fmt: skip
+        path = out / "config.json"
+        record = run_record(experiment, config)
+        resumed = path.is_file()
+        if not resumed:
+            atomic_write_json(path, record)
+        else:
+            started = json.loads(path.read_text(encoding="utf-8")).get("git_commit")
+            if started != record["git_commit"]:
+                logger.warning(
+                    "%s was started at commit %s; continuing with code at %s",
+                    out, started, record["git_commit"],
+                )  # fmt: skip
+        yield resumed
+
+
+def log_resumed(
+    logger: logging.Logger, out: Path, done: int, total: int, from_checkpoint: int, noun: str
+) -> None:
+    """One line for a resumed run: ``resumed OUT: 3 of 6 jobs done; 2 of the 3 left continue
+    from checkpoints`` (``noun``: what the run is made of, e.g. ``"jobs"``)."""
+    left = total - done
+    if left == 0:
+        tail = "; rewriting the summary and figures"
+    else:
+        tail = f"; {from_checkpoint} of the {left} left continue from checkpoints"
+    logger.info("resumed %s: %d of %d %s done%s", out, done, total, noun, tail)
+
+
+def load_summary(out: Path, experiment: str) -> dict[str, Any]:
+    """The ``summary.json`` of the ``experiment`` run in ``out``, to draw its figures from.
+
+    :class:`RunFolderError` if it is missing or unreadable, or if ``out`` holds a run of
+    another experiment (naming it, and for a regression or cartpole run the command that
+    draws its figures).
+    """
+    path = Path(out) / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunFolderError(f"{out} has no summary.json to plot from; run the experiment "
+                             "there first") from None  # fmt: skip
+    except (OSError, ValueError) as err:
+        raise RunFolderError(f"{path} is unreadable ({err}); rerun the command that made it "
+                             "to rewrite it") from err  # fmt: skip
+    if not isinstance(summary, dict):
+        raise RunFolderError(f"{path} is not a run summary; rerun the command that made it "
+                             "to rewrite it")  # fmt: skip
+    kind = summary.get("experiment")
+    if kind is None:  # e.g. a dmc summary: its config.json names the experiment
+        with contextlib.suppress(RunFolderError, OSError):
+            kind = _read_record(Path(out), "")["experiment"]
+    if kind != experiment:
+        redraw = f"; draw it with: dcem {kind} --plot-only --out {out}"
+        raise RunFolderError(
+            f"{out} holds a {kind or 'non-dcem'} run, not a {experiment} run"
+            + (redraw if kind in ("regression", "cartpole") else "")
+        )
+    return summary
 
 
 def job_done(out: Path, key: str, is_result: Callable[[dict[str, Any]], bool]) -> bool:
@@ -495,7 +699,10 @@ def run_jobs(
     ``job`` must be picklable (a module-level function or a ``functools.partial`` of one).
     Workers report progress through a queue that this process feeds to ``progress``; a worker
     whose parent died exits at its next report. ``on_result`` gets each job's return value
-    as it finishes. An error or interrupt cancels the jobs not yet started and is re-raised.
+    as it finishes. An error or interrupt (``KeyboardInterrupt``, e.g. from SIGINT, or what a
+    SIGTERM handler raises) cancels the jobs not yet started, ends every worker process
+    (their jobs resume from their checkpoints) and is re-raised. Workers ignore SIGINT: a
+    Ctrl-C, which a terminal sends to all of them, is this process's to handle.
     """
     if workers == 1:
         for args in pending:
@@ -509,6 +716,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(progress_queue: Any, parent_pid: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers on Ctrl-C
     _WORKER.update(queue=progress_queue, parent=parent_pid)
     keep_freed_memory()
 
@@ -555,22 +763,65 @@ def _run_pool(
 ) -> None:  # fmt: skip
     ctx = mp.get_context("spawn")
     progress_queue = ctx.Queue()
-    with cf.ProcessPoolExecutor(
+    pool = cf.ProcessPoolExecutor(
         workers, mp_context=ctx, initializer=_init_worker, initargs=(progress_queue, os.getpid())
-    ) as pool:
-        with _environ(OPENBLAS_NUM_THREADS="1"):  # read when a spawned worker loads NumPy
+    )
+    try:
+        with _environ(OPENBLAS_NUM_THREADS="1"), _spawning():  # the workers start in `submit`
             futures = {pool.submit(_worker_job, job, args) for args in pending}
-        try:
-            while futures:
-                _drain(progress_queue, progress, timeout=0.2)
-                finished = {f for f in futures if f.done()}
-                for future in finished:
-                    on_result(future.result())
-                futures -= finished
-            _drain(progress_queue, progress, timeout=0.0)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        while futures:
+            _drain(progress_queue, progress, timeout=0.2)
+            finished = {f for f in futures if f.done()}
+            for future in finished:
+                on_result(future.result())
+            futures -= finished
+        _drain(progress_queue, progress, timeout=0.0)
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        progress_queue.close()
+
+
+def _stop_workers(pool: cf.ProcessPoolExecutor, grace: float = 5.0) -> None:
+    """Cancel the jobs not started and end the worker processes: SIGTERM, then SIGKILL for
+    any still alive after ``grace`` seconds. (Python 3.14 has ``pool.terminate_workers``.)"""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # shutdown drops it
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        with contextlib.suppress(OSError, ValueError):
+            process.terminate()
+    deadline = time.monotonic() + grace
+    for process in processes:
+        with contextlib.suppress(OSError, ValueError):
+            process.join(max(deadline - time.monotonic(), 0.0))
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+@contextlib.contextmanager
+def _spawning() -> Iterator[None]:
+    """The body starts worker processes (main thread only): SIGINT is ignored, which they
+    inherit (and Python keeps), so that a Ctrl-C while one still imports prints no traceback
+    there; SIGTERM is held until the body ends, so that no worker is started without being
+    entered in the pool's table of processes (which :func:`_stop_workers` ends)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum)),
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if held:
+            signal.raise_signal(held[0])  # now for the handler that was there before
 
 
 @contextlib.contextmanager

@@ -990,8 +990,11 @@ def run_job(
 
 
 def check_out_folder(out: Path, cfg: RegressionConfig) -> None:
-    """Raise :class:`RunFolderError` unless ``out`` is new, empty, or a run of ``cfg``."""
-    common.check_out_folder(out, EXPERIMENT, cfg.to_json())
+    """Raise :class:`RunFolderError` unless ``out`` is new, empty, a run of ``cfg``, or a
+    regression run that saved no results yet (which :func:`run` starts over)."""
+    common.check_out_folder(
+        out, EXPERIMENT, cfg.to_json(), takeover=True, hint=common.OVERWRITE_HINT
+    )
 
 
 def _job_done(out: Path, method: str, seed: int) -> bool:
@@ -999,31 +1002,29 @@ def _job_done(out: Path, method: str, seed: int) -> bool:
 
 
 def run(
-    cfg: RegressionConfig, out: str | os.PathLike[str], workers: int = 2, progress: bool = True
-) -> dict[str, Any]:
+    cfg: RegressionConfig, out: str | os.PathLike[str], workers: int = 2, progress: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     """Run (or resume) every job (a method and a batch of seeds) of ``cfg`` in ``out``,
     summarize and plot.
 
     ``workers``: parallel processes (1 runs the jobs in this process). ``progress``: show a
-    tqdm bar (only on a terminal). Returns the summary (also written to summary.json).
+    tqdm bar (only on a terminal). ``overwrite``: delete the dcem run in ``out`` first (see
+    :func:`common.run_folder`, which also says which folders are refused). Returns the
+    summary (also written to summary.json).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     out = Path(out)
-    check_out_folder(out, cfg)
     start = time.perf_counter()
-    with common.lock_folder(out):
-        record = common.run_record(EXPERIMENT, cfg.to_json())
-        if not (out / "config.json").exists():
-            common.atomic_write_json(out / "config.json", record)
-        else:
-            _warn_if_code_changed(out, record["git_commit"])
-        pending = [
-            (m, seeds)
-            for m in cfg.methods
-            for seeds in seed_batches(cfg, m)
-            if not all(_job_done(out, m, s) for s in seeds)
-        ]
+    with common.run_folder(
+        out, EXPERIMENT, cfg.to_json(), overwrite=overwrite, logger=log
+    ) as resumed:
+        jobs = [(m, seeds) for m in cfg.methods for seeds in seed_batches(cfg, m)]
+        pending = [(m, seeds) for m, seeds in jobs if not all(_job_done(out, m, s) for s in seeds)]
+        if resumed:
+            started = sum((out / "ckpt" / f"{batch_key(*job)}.pt").exists() for job in pending)
+            common.log_resumed(log, out, len(jobs) - len(pending), len(jobs), started, "jobs")
         pending.sort(key=lambda job: -_job_cost(*job))  # longest first: better packing
         if pending:
             _run_pending(cfg, out, pending, workers, progress)
@@ -1036,12 +1037,6 @@ def _job_cost(method: str, seeds: tuple[int, ...]) -> float:
     """Relative running time of a job: a fixed cost per update plus a cost per seed."""
     fixed, per_seed = JOB_COST[method]
     return fixed + per_seed * len(seeds)
-
-
-def _warn_if_code_changed(out: Path, commit: str | None) -> None:
-    started = json.loads((out / "config.json").read_text(encoding="utf-8")).get("git_commit")
-    if started != commit:
-        log.warning("%s was started at commit %s; continuing with code at %s", out, started, commit)
 
 
 def _run_pending(
@@ -1170,22 +1165,45 @@ def load_config(out: str | os.PathLike[str]) -> RegressionConfig:
 
 
 def plot(out: str | os.PathLike[str]) -> list[Path]:
-    """Draw the four figures of ``out`` from summary.json, metrics.csv and jobs/*.npz only."""
+    """Draw the figures of ``out`` from summary.json, metrics.csv and jobs/*.npz only.
+
+    convergence.png is skipped, with a log line, when no train MSE was logged (the first
+    evaluation, at ``eval_every`` updates, came after the last update). Raises
+    :class:`RunFolderError` for a folder without a regression summary (naming what it holds)
+    or with missing or damaged result files.
+    """
     out = Path(out)
-    if not (out / "summary.json").is_file():
-        raise RunFolderError(f"{out} has no summary.json; run the experiment first")
-    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    methods = summary["methods"]
-    npz = {
-        m: dict(np.load(out / "jobs" / f"{job_key(m, summary['seeds'][0])}.npz")) for m in methods
-    }
-    paths = [
-        _save(_plot_convergence(common.read_csv(out / "metrics.csv"), methods), out, "convergence"),
+    summary = common.load_summary(out, EXPERIMENT)
+    try:
+        methods = summary["methods"]
+        npz = {m: _load_npz(out / "jobs" / f"{job_key(m, summary['seeds'][0])}.npz")
+               for m in methods}  # fmt: skip
+        convergence = _plot_convergence(common.read_csv(out / "metrics.csv"), methods)
+        eval_every, updates = load_config(out).eval_every, summary["updates"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        raise RunFolderError(
+            f"{out} has missing or damaged result files ({type(err).__name__}: {err}); rerun "
+            "the command that made it to rewrite them"
+        ) from err
+    paths = []
+    if convergence is None:
+        log.info(
+            "convergence.png not drawn: no train MSE was logged (one is logged every "
+            "eval_every=%d updates; the run made %d)", eval_every, updates,
+        )  # fmt: skip
+    else:
+        paths.append(_save(convergence, out, "convergence"))
+    paths += [
         _save(_plot_ablation(summary), out, "ablation"),
         _save(_plot_predictions(npz), out, "predictions"),
         _save(_plot_energy(npz), out, "energy_surfaces"),
     ]
     return paths
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return dict(data)
 
 
 def _figure(n_panels: int = 1, width: float = 5.0) -> Any:
@@ -1219,15 +1237,22 @@ def _band(ax: Any, x: np.ndarray, values: np.ndarray, method: str) -> None:
 
 
 def _plot_convergence(rows: list[dict[str, str]], methods: list[str]) -> Any:
+    """The train-MSE curves of ``methods``; ``None`` if no method has a logged point."""
     fig, (ax,) = _figure()
+    drawn = False
     for method in methods:
         curves: dict[str, dict[int, float]] = {}
         for row in rows:
             if row["method"] == method:
                 curves.setdefault(row["seed"], {})[int(row["update"])] = float(row["train_mse"])
-        updates = sorted(set.intersection(*(set(c) for c in curves.values())))
+        updates = sorted(set.intersection(*(set(c) for c in curves.values()))) if curves else []
+        if not updates:
+            continue
         values = np.array([[c[u] for u in updates] for c in curves.values()])
         _band(ax, np.array(updates), values, method)
+        drawn = True
+    if not drawn:
+        return None
     ax.set(yscale="log", xlabel="Number of updates", ylabel="geometric mean over seeds, 95% CI")
     ax.set_title("Train MSE")
     ax.legend()
