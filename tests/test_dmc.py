@@ -260,14 +260,14 @@ def test_another_config_in_the_folder_is_refused(phase1: Path, capsys) -> None:
 def test_checkpoint_of_another_task_is_refused() -> None:
     cfg = dmc.DMCConfig(**{**dmc.QUICK, "task": TASK})
     env = make_env(TASK, episode_steps=cfg.episode_steps)
-    state = dmc.Agent(cfg, env).state_dict()
+    state = dmc.Agent(cfg, env).checkpoint()
     other = dmc.DMCConfig(**{**dmc.QUICK, "task": "reacher-easy"})
     agent = dmc.Agent(other, make_env("reacher-easy", episode_steps=cfg.episode_steps))
     with pytest.raises(common.CheckpointError, match="cartpole-swingup"):
-        agent.load_state_dict(state, Path("x.pt"))
+        agent.restore(state, Path("x.pt"))
     bigger = dmc.DMCConfig(**{**dmc.QUICK, "task": TASK, "hidden_size": 32})
     with pytest.raises(common.CheckpointError, match="hidden_size"):
-        dmc.Agent(bigger, env).load_state_dict(state, Path("x.pt"))
+        dmc.Agent(bigger, env).restore(state, Path("x.pt"))
 
 
 def test_truncated_checkpoint_is_detected_and_never_half_loaded(phase1, tmp_path) -> None:

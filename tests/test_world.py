@@ -454,3 +454,31 @@ def test_benchmark_counts_every_weight_of_a_transition_once(monkeypatch):
         if "weight" in name
     ]
     assert bench.macs_per_transition(config) == sum(p.numel() for p in weights)
+
+
+def test_agent_is_library_code_that_leaves_the_global_generator_alone():
+    """``dcem.world.Agent``: seeded initialization without touching torch's global state."""
+    from dcem.world import Agent, AgentConfig
+
+    cfg = AgentConfig(deter_size=8, stoch_size=3, hidden_size=8, batch_size=2, seq_len=3,
+                      plan_samples=12, plan_elites=3, plan_iter=2, horizon=2)  # fmt: skip
+    before = torch.random.get_rng_state()
+    a = Agent(cfg, 5, 2, -torch.ones(2), torch.ones(2), model_seed=3)
+    b = Agent(cfg, 5, 2, -torch.ones(2), torch.ones(2), model_seed=3)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values(),
+                            strict=True):  # fmt: skip
+        assert torch.equal(p, q), name
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(4, 5)).astype(np.float32)
+    a.replay.add_episode(obs, rng.uniform(-1, 1, (3, 2)), rng.normal(size=3))
+    assert a.can_update()
+    terms = a.update(2)
+    assert a.updates == 2 and a.model.has_obs_stats and terms["obs_loss"] > 0
+    belief, action = a.act(a.model.initial_state((1,)), torch.zeros(2), obs[0], explore=True,
+                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert action.shape == (2,) and bool((action.abs() <= 1).all())
+    b.load_state_dict(a.state_dict())
+    assert b.updates == 2 and torch.equal(b.model.obs_loc, a.model.obs_loc)
+    with pytest.raises(ValueError, match="action_low"):
+        Agent(cfg, 5, 2, -torch.ones(3), torch.ones(2))

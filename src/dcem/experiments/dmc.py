@@ -42,29 +42,24 @@ from torch import Tensor
 
 from dcem.experiments import common
 from dcem.experiments.common import CheckpointError, RunFolderError
-from dcem.experiments.dmc_config import (
-    DEFAULTS,
-    PLANNERS,
-    DMCConfig,
-)
+from dcem.experiments.dmc_config import DEFAULTS, PLANNERS, QUICK, DMCConfig
 from dcem.world import (
-    RSSM,
     TASKS,
-    ActionDecoder,
     DMCEnv,
     RenderUnavailableError,
-    ReplayBuffer,
     State,
-    latent_planning_cost,
     make_env,
     plan,
     plan_latent,
 )
+from dcem.world import agent as agent_lib
 
 __all__ = [
     "EXPERIMENT",
     "METRIC_FIELDS",
     "PLANNERS",
+    "QUICK",
+    "Agent",
     "CheckpointError",
     "DMCConfig",
     "RunFolderError",
@@ -132,187 +127,58 @@ def _seed(*words: int) -> int:
 TRAIN_STREAM, EVAL_STREAM, MODEL_STREAM = 1, 2, 3
 
 
-class Agent:
-    """The world model, its optimizer, the replay and the planner's generator of one run."""
+class Agent(agent_lib.Agent):
+    """The library's agent (:class:`dcem.world.agent.Agent`) as one run drives it: its
+    config, counters, wall time, checkpoint format and compile fallback."""
+
+    cfg: DMCConfig
 
     def __init__(self, cfg: DMCConfig, env: DMCEnv) -> None:
-        self.cfg, self.device = cfg, torch.device(cfg.device)
-        torch.manual_seed(_seed(cfg.seed, MODEL_STREAM))
-        self.model = RSSM(
-            env.obs_size, env.action_size, deter_size=cfg.deter_size,
-            stoch_size=cfg.stoch_size, hidden_size=cfg.hidden_size,
-        ).to(self.device)  # fmt: skip
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+        super().__init__(
+            cfg, env.obs_size, env.action_size, env.action_low, env.action_high,
+            device=cfg.device, model_seed=_seed(cfg.seed, MODEL_STREAM),
+            replay_seed=_seed(cfg.seed, 0), generator_seed=_seed(cfg.seed, TRAIN_STREAM),
+        )  # fmt: skip
         if cfg.compile:
             self.model.compile(dynamic=True)
-        self.replay = ReplayBuffer(env.obs_size, env.action_size, seed=_seed(cfg.seed, 0))
-        self.generator = torch.Generator(self.device).manual_seed(_seed(cfg.seed, TRAIN_STREAM))
-        self.low = torch.as_tensor(env.action_low, device=self.device)
-        self.high = torch.as_tensor(env.action_high, device=self.device)
-        self.counters = {"episode": 0, "env_step": 0, "updates": 0, "evals": 0, "warmup": 0}
-        self._compile_checked = False
+        self.counters = {"episode": 0, "env_step": 0, "evals": 0, "warmup": 0}
         self.wall_seconds = 0.0
-        self.planner = cfg.planner
-        self.cem_sizes = (cfg.plan_samples, cfg.plan_elites, cfg.plan_iter)
-        self.latent_sizes = (cfg.latent_samples, cfg.latent_elites, cfg.latent_iter)
-        self.decoder: ActionDecoder | None = None
-        if cfg.planner == "latent":
-            self.decoder = ActionDecoder(
-                cfg.latent_dim, env.action_size, horizon=cfg.horizon, hidden=cfg.decoder_hidden,
-                action_low=self.low, action_high=self.high,
-            ).to(self.device)  # fmt: skip
-            self.decoder_opt = torch.optim.Adam(self.decoder.parameters(), lr=cfg.decoder_lr)
+        self._compile_checked = False
 
-    # ---------------------------------------------------------------- acting
     def act(
         self, belief: State, prev_action: Tensor, obs: np.ndarray, *, explore: bool,
         generator: torch.Generator,
     ) -> tuple[State, Tensor]:  # fmt: skip
-        """Filter the belief with ``obs`` and plan: returns the new belief and action ``(a,)``.
-
-        With ``compile``, a compilation that fails falls back to eager (one warning).
-        """
+        """:meth:`dcem.world.agent.Agent.act`; with ``compile``, a compilation that fails
+        falls back to eager (one warning)."""
         if not self.cfg.compile or self._compile_checked:
-            return self._act(belief, prev_action, obs, explore=explore, generator=generator)
+            return super().act(belief, prev_action, obs, explore=explore, generator=generator)
         state = generator.get_state()
         try:
-            result = self._act(belief, prev_action, obs, explore=explore, generator=generator)
+            result = super().act(belief, prev_action, obs, explore=explore, generator=generator)
         except Exception as err:  # the compiler raises many types
             first = str(err).splitlines()[0] if str(err) else ""
             log.warning("torch.compile failed (%s: %s); planning eagerly", type(err).__name__,
                         first)  # fmt: skip
             torch.compiler.set_stance("force_eager")
             generator.set_state(state)
-            result = self._act(belief, prev_action, obs, explore=explore, generator=generator)
+            result = super().act(belief, prev_action, obs, explore=explore, generator=generator)
         self._compile_checked = True
         return result
 
-    @torch.no_grad()
-    def _act(
-        self, belief: State, prev_action: Tensor, obs: np.ndarray, *, explore: bool,
-        generator: torch.Generator,
-    ) -> tuple[State, Tensor]:  # fmt: skip
-        obs_t = torch.as_tensor(obs, device=self.device)[None]
-        belief = self.model.belief(belief, prev_action[None], obs_t, generator=generator)
-        if self.planner == "latent":
-            if self.decoder is None:
-                raise ValueError("the latent planner needs a run trained with --planner latent")
-            n_sample, n_elite, n_iter = self.latent_sizes
-            action = plan_latent(
-                self.model, self.decoder, belief, n_sample=n_sample, n_elite=n_elite,
-                n_iter=n_iter, tau=self.cfg.latent_tau, sample=self.cfg.plan_sample,
-                generator=generator,
-            )[0]  # fmt: skip
-        else:
-            n_sample, n_elite, n_iter = self.cem_sizes
-            action = plan(
-                self.model, belief, action_low=self.low, action_high=self.high,
-                horizon=self.cfg.horizon, n_iter=n_iter, n_sample=n_sample, n_elite=n_elite,
-                sample=self.cfg.plan_sample, generator=generator,
-            )[0]  # fmt: skip
-        if explore and self.cfg.explore_noise > 0:
-            noise = torch.randn(action.shape, generator=generator, device=self.device)
-            action = torch.maximum(torch.minimum(action + self.cfg.explore_noise * noise,
-                                                 self.high), self.low)  # fmt: skip
-        return belief, action
-
-    def random_action(self) -> Tensor:
-        u = torch.rand(self.low.shape, generator=self.generator, device=self.device)
-        return self.low + (self.high - self.low) * u
-
-    # -------------------------------------------------------------- learning
-    def can_update(self) -> bool:
-        """Whether the replay holds an episode of at least ``seq_len`` rows."""
-        bounds = self.replay.episode_bounds() if self.replay.num_episodes else None
-        return bounds is not None and bool((bounds[:, 1] - bounds[:, 0] >= self.cfg.seq_len).any())
-
-    def sample_batch(self) -> tuple[Tensor, Tensor, Tensor]:
-        """A replay batch on the model's device: ``obs (L, B, o)``, ``actions``, ``rewards``."""
-        batch = self.replay.sample(self.cfg.batch_size, self.cfg.seq_len)
-        obs, actions, rewards = (torch.as_tensor(batch[k], device=self.device)
-                                 for k in ("obs", "action", "reward"))  # fmt: skip
-        return obs, actions, rewards
-
-    def update(self, n: int) -> dict[str, float]:
-        """``n`` Adam updates of the model on replay batches (each followed, with the latent
-        planner, by a decoder update every ``decoder_every``); the mean of each loss term.
-
-        The loss terms stay on the device until the end of the round: one host sync per call.
-        """
-        keys = ("obs_loss", "reward_loss", "kl_loss", "kl_raw")
-        sums = torch.zeros(len(keys), device=self.device)
-        decoder_costs: list[Tensor] = []
-        cfg = self.cfg
-        self.freeze_obs_stats()
-        for _ in range(n):
-            obs, actions, rewards = self.sample_batch()
-            terms = self.model.loss(
-                obs, actions, rewards, free_nats=cfg.free_nats, reward_scale=cfg.reward_scale,
-                generator=self.generator,
-            )  # fmt: skip
-            self.optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            sums += torch.stack([terms.obs, terms.reward, terms.kl, terms.kl_raw]).detach()
-            self.counters["updates"] += 1
-            if self.decoder is not None and self.counters["updates"] % cfg.decoder_every == 0:
-                decoder_costs.append(self.update_decoder(obs, actions))
-        means = dict(zip(keys, (sums / n).tolist(), strict=True))
-        if decoder_costs:
-            means["decoder_cost"] = float(torch.stack(decoder_costs).mean())
-        return means
-
-    def freeze_obs_stats(self) -> None:
-        """Set the model's observation statistics from the replay, once: after the last seed
-        episode, else before the first model update. A model loaded with statistics (resume,
-        ``init_from``) keeps its own."""
-        if not self.model.has_obs_stats:
-            self.model.set_obs_stats(torch.as_tensor(self.replay.observations(),
-                                                     device=self.device))  # fmt: skip
-
-    def update_decoder(self, obs: Tensor, actions: Tensor) -> Tensor:
-        """One decoder step through DCEM on belief states of a replay batch ``(L, B, ·)``.
-
-        The posteriors of the batch's first sequences (enough for ``decoder_batch`` states)
-        are computed without gradient; ``decoder_batch`` of them, drawn uniformly, are the
-        start states of the embedded control problem. Returns the mean imagined cost (a
-        detached scalar tensor, so that a round of updates syncs with the host once).
-        """
-        if self.decoder is None:
-            raise ValueError("decoder updates need a run trained with --planner latent")
-        cfg = self.cfg
-        seqs = min(obs.shape[1], -(-cfg.decoder_batch // obs.shape[0]) + 1)
-        with torch.no_grad():
-            post, _ = self.model.observe(obs[:, :seqs], actions[:, :seqs], generator=self.generator)
-        flat = State(*(x.reshape(-1, x.shape[-1]) for x in post))
-        pick = torch.randperm(flat.deter.shape[0], generator=self.generator,
-                              device=self.device)[: cfg.decoder_batch]  # fmt: skip
-        states = State(*(x[pick] for x in flat))
-        cost = latent_planning_cost(
-            self.model, self.decoder, states, n_sample=cfg.latent_samples,
-            n_elite=cfg.latent_elites, n_iter=cfg.latent_iter, tau=cfg.latent_tau,
-            generator=self.generator, backward=cfg.dcem_backward,  # type: ignore[arg-type]
-        )  # fmt: skip
-        self.decoder_opt.zero_grad(set_to_none=True)
-        cost.backward()
-        torch.nn.utils.clip_grad_norm_(self.decoder.parameters(), cfg.grad_clip)
-        self.decoder_opt.step()
-        return cost.detach()
-
     # ------------------------------------------------------------ checkpoint
-    def state_dict(self) -> dict[str, Any]:
-        replay = {k: torch.from_numpy(v) for k, v in self.replay.state_dict().items()}
+    def checkpoint(self) -> dict[str, Any]:
+        """The run's checkpoint: the agent's state dict, format version, task, config,
+        counters and wall time."""
+        state = self.state_dict()
+        state.pop("updates")  # kept among the counters, as format 2 has it
         return {
             "version": CKPT_VERSION, "task": self.cfg.task, "config": self.cfg.to_json(),
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "replay": replay, "generator": self.generator.get_state(),
-            "counters": dict(self.counters), "wall_seconds": self.wall_seconds,
-            **({"decoder": self.decoder.state_dict(), "decoder_opt": self.decoder_opt.state_dict()}
-               if self.decoder is not None else {}),
+            **state, "counters": {**self.counters, "updates": self.updates},
+            "wall_seconds": self.wall_seconds,
         }  # fmt: skip
 
-    def load_state_dict(self, state: dict[str, Any], path: Path) -> None:
+    def restore(self, state: dict[str, Any], path: Path) -> None:
         """Restore a checkpoint; refuses one of another task, config or format version."""
         if state.get("version") != CKPT_VERSION:
             raise CheckpointError(
@@ -327,23 +193,13 @@ class Agent:
         detail = common.config_diff(state.get("config", {}), self.cfg.to_json(), DEFAULTS)
         if detail:
             raise CheckpointError(f"{path} was written with another config ({detail})")
+        counters = {k: int(v) for k, v in state["counters"].items()}
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            _load_replay(self.replay, state)
-            if self.decoder is not None:
-                self.decoder.load_state_dict(state["decoder"])
-                self.decoder_opt.load_state_dict(state["decoder_opt"])
+            self.load_state_dict({**state, "updates": counters.pop("updates")})
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"{path} does not fit this model: {err}") from err
-        self.generator.set_state(state["generator"])
-        self.counters.update({k: int(v) for k, v in state["counters"].items()})
+        self.counters.update(counters)
         self.wall_seconds = float(state["wall_seconds"])
-
-
-def _load_replay(replay: ReplayBuffer, state: dict[str, Any]) -> None:
-    """Restore ``replay`` from a checkpoint's ``"replay"`` tensors (see ``Agent.state_dict``)."""
-    replay.load_state_dict({k: v.numpy() for k, v in state["replay"].items()})
 
 
 # --------------------------------------------------------------------------- episodes
@@ -444,7 +300,7 @@ def _init_from(agent: Agent, run: Path) -> None:
             agent.model.load_state_dict(state["model"])
             agent.optimizer.load_state_dict(state["optimizer"])
         if cfg.keep_replay:
-            _load_replay(agent.replay, state)
+            agent.load_replay(state)
     except (KeyError, RuntimeError, ValueError) as err:
         raise CheckpointError(f"init_from: {path} does not fit this model: {err}") from err
     log.info("phase 2 from %s (%d env steps): model %s, replay %s", run,
@@ -459,7 +315,7 @@ def _resume(agent: Agent, out: Path) -> None:
         if agent.cfg.init_from:
             _init_from(agent, Path(agent.cfg.init_from))
         return
-    agent.load_state_dict(common.load_checkpoint(path), path)
+    agent.restore(common.load_checkpoint(path), path)
     episode = agent.counters["episode"]
     evals = agent.counters["evals"]
     kept = common.truncate_csv(
@@ -473,7 +329,7 @@ def _resume(agent: Agent, out: Path) -> None:
 def _save(agent: Agent, out: Path, rows: list[dict[str, Any]]) -> None:
     common.append_csv(out / "metrics.csv", METRIC_FIELDS, rows)
     rows.clear()
-    common.save_checkpoint(out / "ckpt" / "latest.pt", agent.state_dict())
+    common.save_checkpoint(out / "ckpt" / "latest.pt", agent.checkpoint())
 
 
 def _progress(cfg: DMCConfig, done: int, show: bool) -> Any:
@@ -609,7 +465,7 @@ def _train_episode(agent: Agent, env: DMCEnv) -> dict[str, Any]:
     mean = {k: float(np.mean([x[k] for x in losses if k in x])) if any(k in x for x in losses)
             else "" for k in keys}  # fmt: skip
     return {"env_step": c["env_step"], "episode": c["episode"] - 1, "phase": mode,
-            "return": ret, **mean, "updates": c["updates"],
+            "return": ret, **mean, "updates": agent.updates,
             "wall_seconds": round(agent.wall_seconds, 2), **_split(seconds, timers)}  # fmt: skip
 
 
@@ -640,7 +496,7 @@ def _eval_rows(agent: Agent, env: DMCEnv) -> list[dict[str, Any]]:
     agent.wall_seconds += seconds
     row = {"env_step": c["env_step"], "episode": c["evals"], "phase": "eval",
            "return": float(np.mean(returns)), "return_std": float(np.std(returns)),
-           "eval_returns": " ".join(f"{r:.2f}" for r in returns), "updates": c["updates"],
+           "eval_returns": " ".join(f"{r:.2f}" for r in returns), "updates": agent.updates,
            "wall_seconds": round(agent.wall_seconds, 2), **_split(seconds, timers)}  # fmt: skip
     c["evals"] += 1
     log.info("eval at %d env steps: mean %.1f (std %.1f) over %s", c["env_step"], row["return"],
@@ -663,7 +519,7 @@ def _finish(agent: Agent, env: DMCEnv, out: Path) -> dict[str, Any]:
     summary = {
         "task": agent.cfg.task, "planner": agent.cfg.planner,
         "env_steps": agent.counters["env_step"], "episodes": agent.counters["episode"],
-        "updates": agent.counters["updates"], "wall_seconds": round(agent.wall_seconds, 1),
+        "updates": agent.updates, "wall_seconds": round(agent.wall_seconds, 1),
         "final_eval_return": float(np.mean(final)) if final else None,
         "final_eval_env_step": last_step if final else None,
         "best_eval_return": float(np.mean(best[1])) if best[1] else None,
@@ -704,7 +560,7 @@ def _restore_agent(cfg: DMCConfig, path: Path) -> tuple[Agent, DMCEnv]:
                    episode_steps=cfg.episode_steps)  # fmt: skip
     try:
         agent = Agent(cfg, env)
-        agent.load_state_dict(common.load_checkpoint(path), path)
+        agent.restore(common.load_checkpoint(path), path)
     except BaseException:
         env.close()
         raise

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from dcem.world.config import BACKWARDS, PLANNERS, AgentConfig
 from dcem.world.envs import TASKS, task_spec
 
 if TYPE_CHECKING:
@@ -19,8 +20,6 @@ if TYPE_CHECKING:
 
 __all__ = ["BACKWARDS", "DEFAULTS", "PLANNERS", "QUICK", "TASKS", "DMCConfig", "check_device"]
 
-PLANNERS = ("cem", "latent")
-BACKWARDS = ("full", "checkpoint", "pruned")
 
 # --------------------------------------------------------------------------- config
 
@@ -54,17 +53,10 @@ def check_device(name: str) -> torch.device:
 
 
 @dataclass(frozen=True)
-class DMCConfig:
-    """Resolved settings of one training run; defaults are the paper's (PlaNet's) values."""
+class DMCConfig(AgentConfig):
+    """A ``dcem dmc train`` run: the agent's settings (:class:`AgentConfig`) and the run's."""
 
     task: str = field(default="cheetah-run", metadata=_doc("control-suite task"))
-    planner: str = field(
-        default="cem",
-        metadata=_doc(
-            "planner used to act: cem (full action space, phase 1) or latent (latent DCEM over a "
-            "learned action decoder, phase 2)"
-        ),
-    )
     seed: int = field(default=0, metadata=_doc("seed of episodes, model init and planner"))
     env_steps: int = field(default=1_000_000, metadata=_doc("environment steps to train for"))
     action_repeat: int = field(default=0, metadata=_doc("0: the task's PlaNet value"))
@@ -72,35 +64,6 @@ class DMCConfig:
     seed_episodes: int = field(default=5, metadata=_doc("random-action episodes first"))
     update_every: int = field(default=1000, metadata=_doc("env steps between model rounds"))
     updates_per_round: int = field(default=100, metadata=_doc("model updates per round"))
-    batch_size: int = field(default=50, metadata=_doc("sequences per model batch"))
-    seq_len: int = field(default=50, metadata=_doc("steps per sequence"))
-    lr: float = field(default=1e-3, metadata=_doc("Adam learning rate"))
-    adam_eps: float = field(default=1e-4, metadata=_doc("Adam epsilon"))
-    grad_clip: float = field(default=1000.0, metadata=_doc("gradient-norm clip"))
-    free_nats: float = field(
-        default=1.0, metadata=_doc("KL free nats, clamped per (time, batch) element as PlaNet")
-    )
-    reward_scale: float = field(
-        default=10.0, metadata=_doc("weight of the reward term of the bound (PlaNet: 10)")
-    )
-    deter_size: int = field(default=200, metadata=_doc("GRU units"))
-    stoch_size: int = field(default=30, metadata=_doc("stochastic state size"))
-    hidden_size: int = field(default=200, metadata=_doc("units of every other layer"))
-    horizon: int = field(default=12, metadata=_doc("planning horizon (agent steps)"))
-    plan_iter: int = field(
-        default=8, metadata=_doc("CEM iterations per decision (paper: 10; 8 for a CPU)")
-    )
-    plan_samples: int = field(
-        default=300, metadata=_doc("CEM candidates per iteration (paper: 1000; 300 for a CPU)")
-    )
-    plan_elites: int = field(
-        default=30, metadata=_doc("CEM elites per iteration (paper: 100; 30 for a CPU)")
-    )
-    plan_sample: bool = field(
-        default=False,
-        metadata=_doc("imagine with samples of the prior (PlaNet) instead of its mean"),
-    )
-    explore_noise: float = field(default=0.3, metadata=_doc("std of the exploration noise"))
     eval_every: int = field(default=10_000, metadata=_doc("env steps between evaluations"))
     eval_episodes: int = field(default=5, metadata=_doc("episodes per evaluation"))
     video: bool = field(default=True, metadata=_doc("render eval.gif at the end"))
@@ -115,27 +78,8 @@ class DMCConfig:
         default=False,
         metadata=_doc("with init_from: re-initialize the world model instead of loading it"),
     )
-    latent_dim: int = field(default=2, metadata=_doc("latent planner: latent dimension"))
-    latent_samples: int = field(default=100, metadata=_doc("latent planner: DCEM candidates"))
-    latent_elites: int = field(default=10, metadata=_doc("latent planner: DCEM soft elites"))
-    latent_iter: int = field(default=10, metadata=_doc("latent planner: DCEM iterations"))
-    latent_tau: float = field(default=1.0, metadata=_doc("latent planner: DCEM temperature"))
-    decoder_hidden: int = field(default=200, metadata=_doc("decoder hidden units (2 layers)"))
-    decoder_lr: float = field(default=1e-3, metadata=_doc("decoder Adam learning rate"))
-    decoder_every: int = field(
-        default=1, metadata=_doc("a decoder update after every this many model updates (paper: 1)")
-    )
-    decoder_batch: int = field(
-        default=16, metadata=_doc("belief states from the replay batch per decoder update")
-    )
     decoder_warmup: int = field(
         default=0, metadata=_doc("decoder updates on the replay before the first episode")
-    )
-    dcem_backward: str = field(
-        default="full",
-        metadata=_doc(
-            "backward mode of dcem.dcem for the decoder update: full, checkpoint or pruned"
-        ),
     )
     device: str = field(default="cpu", metadata=_doc("torch device of model and planner"))
     compile: bool = field(
@@ -147,47 +91,15 @@ class DMCConfig:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         task_spec(self.task)  # unknown names raise, listing the known ones
-        if self.planner not in PLANNERS:
-            raise ValueError(f"planner must be one of {', '.join(PLANNERS)}, got {self.planner!r}")
         for name in ("env_steps", "episode_steps", "update_every", "updates_per_round",
-                     "batch_size", "seq_len", "deter_size", "stoch_size", "hidden_size",
-                     "horizon", "plan_iter", "plan_samples", "plan_elites", "eval_every",
-                     "eval_episodes", "latent_dim", "latent_samples", "latent_elites",
-                     "latent_iter", "decoder_hidden", "decoder_every",
-                     "decoder_batch"):  # fmt: skip
+                     "eval_every", "eval_episodes"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("action_repeat", "seed_episodes", "seed", "decoder_warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{f.name} must be finite, got {value}")
-        for name in ("lr", "adam_eps", "grad_clip", "latent_tau", "decoder_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.reward_scale < 0:
-            raise ValueError(f"reward_scale must be >= 0, got {self.reward_scale}")
-        if self.free_nats < 0 or self.explore_noise < 0:
-            raise ValueError(
-                f"free_nats and explore_noise must be >= 0, got {self.free_nats}, "
-                f"{self.explore_noise}"
-            )
-        if self.plan_elites >= self.plan_samples:
-            raise ValueError(
-                f"plan_elites must be < plan_samples, got {self.plan_elites} >= {self.plan_samples}"
-            )
-        if self.latent_elites >= self.latent_samples:
-            raise ValueError(
-                f"latent_elites must be < latent_samples, got {self.latent_elites} >= "
-                f"{self.latent_samples}"
-            )
-        if self.dcem_backward not in BACKWARDS:
-            raise ValueError(
-                f"dcem_backward must be one of {', '.join(BACKWARDS)}, got {self.dcem_backward!r}"
-            )
         if self.seq_len > self.agent_steps_per_episode + 1:
             raise ValueError(
                 f"seq_len must be at most the {self.agent_steps_per_episode + 1} rows of an "
@@ -208,12 +120,6 @@ class DMCConfig:
     def to_json(self) -> dict[str, Any]:
         """The fields as JSON values, ``device`` left out (a run may move between devices)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "device"}
-
-    def trajectories_per_decision(self, planner: str | None = None) -> int:
-        """Imagined trajectories one decision of ``planner`` (default: the run's) evaluates."""
-        if (planner or self.planner) == "latent":
-            return self.latent_samples * self.latent_iter
-        return self.plan_samples * self.plan_iter
 
 
 DEFAULTS = DMCConfig().to_json()

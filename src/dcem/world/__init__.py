@@ -11,6 +11,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from dcem.world.agent import Agent
+    from dcem.world.config import AgentConfig
     from dcem.world.envs import (
         EPISODE_STEPS,
         TASKS,
@@ -32,11 +34,12 @@ _HOME = {
     "ActionDecoder": "latent", "latent_planning_cost": "latent", "latent_policy": "latent",
     "plan_latent": "latent", "plan": "planner", "ReplayBuffer": "replay", "RSSM": "rssm",
     "LossTerms": "rssm", "State": "rssm", "gaussian_kl": "rssm",
-    "gaussian_log_likelihood": "rssm",
+    "gaussian_log_likelihood": "rssm", "Agent": "agent", "AgentConfig": "config",
 }  # fmt: skip
 
 __all__ = [
-    "EPISODE_STEPS", "RSSM", "TASKS", "ActionDecoder", "DMCEnv", "LossTerms",
+    "EPISODE_STEPS", "RSSM", "Agent", "AgentConfig", "TASKS", "ActionDecoder", "DMCEnv",
+    "LossTerms",
     "RenderUnavailableError", "ReplayBuffer", "State", "TaskSpec", "flatten_observation",
     "gaussian_kl", "gaussian_log_likelihood", "latent_planning_cost", "latent_policy",
     "make_env", "plan", "plan_latent", "task_spec",
