@@ -55,6 +55,7 @@ def test_default_config_is_the_paper_protocol() -> None:
         ({"latent_dims": (2, 2)}, "latent_dims"),
         ({"taus": (-1.0,)}, "taus"),
         ({"taus": (float("nan"),)}, "taus"),
+        ({"taus": (1.0, 1e-7)}, "taus"),
         ({"horizon": 0}, "horizon"),
         ({"n_iter": 0}, "n_iter"),
         ({"checkpoint_every": 150}, "checkpoint_every"),
@@ -134,6 +135,7 @@ def _bad(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         (["--taus", "-1"], "--taus"),
         (["--taus", "nan"], "--taus"),
         (["--taus", "1,1"], "--taus"),
+        (["--taus", "1,1e-7"], "--taus"),  # overflows the gradients (used to end in NaN)
         (["--horizon", "0"], "--horizon"),
         (["--horizon", "x"], "--horizon"),
         (["--updates", "0"], "--updates"),

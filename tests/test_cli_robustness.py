@@ -533,6 +533,7 @@ def test_building_the_parser_imports_neither_torch_nor_an_experiment() -> None:
 def test_help_defaults_are_the_configs_defaults() -> None:
     regression_default, cartpole_default = RegressionConfig(), CartpoleConfig()
     assert cli._REGRESSION_METHODS == regression.METHODS
+    assert cli._MIN_TAU == cartpole.MIN_TAU
     for name, value in cli._REGRESSION_DEFAULTS.items():
         assert getattr(regression_default, name) == value, name
     for name, value in cli._CARTPOLE_DEFAULTS.items():

@@ -216,6 +216,7 @@ def _run_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
 # --------------------------------------------------------------------------- cartpole
 
 _CARTPOLE_DEFAULTS = {"n_iter": 10_000, "horizon": 20}
+_MIN_TAU = 1e-4  # cartpole.MIN_TAU
 
 
 def _positive_int_list(text: str) -> tuple[int, ...]:
@@ -243,6 +244,11 @@ def _tau_list(text: str) -> tuple[float, ...]:
     if not ok or len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(
             f"must be distinct finite numbers >= 0 like 1,0.1,0 (0: latent CEM), got {text!r}"
+        )
+    if any(0 < v < _MIN_TAU for v in values):
+        raise argparse.ArgumentTypeError(
+            f"must be 0 (latent CEM) or >= {_MIN_TAU:g}: smaller temperatures overflow the "
+            f"float32 gradients through DCEM, got {text!r}"
         )
     return values
 

@@ -81,6 +81,9 @@ EXPERIMENT = "cartpole"
 METRIC_FIELDS = ["iteration", "train_cost", "val_cost", "lr"]
 CKPT_VERSION = 1
 N_TRACE_KEEP = 100  # samples per iteration kept for the iterates figure
+MIN_TAU = 1e-4
+"""The smallest positive DCEM temperature: the gradients through DCEM grow like 1 / tau, and
+from about 1e-7 on the first few updates already make the decoder's float32 weights NaN."""
 
 Progress = common.ProgressFn
 """Called as ``progress(run_key, iterations_done)`` every ``eval_every`` iterations of a run."""
@@ -161,6 +164,8 @@ class CartpoleConfig:
         ok = all(isinstance(t, (int, float)) and 0 <= t < math.inf for t in self.taus)
         if not self.taus or not ok:
             raise ValueError(f"taus must be finite numbers >= 0, got {self.taus!r}")
+        if any(0 < t < MIN_TAU for t in self.taus):
+            raise ValueError(f"taus must be 0 (latent CEM) or >= {MIN_TAU:g}, got {self.taus!r}")
         for name in ("n_iter", "eval_every", "checkpoint_every", "horizon", "hidden"):
             _check_ints(name, (getattr(self, name),), low=1)
         for name in ("n_layers", "solver_iters", "n_validation", "surface_grid"):
