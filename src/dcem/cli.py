@@ -393,12 +393,24 @@ def _add_dmc(parser: argparse.ArgumentParser) -> None:
     diag.add_argument("run", type=Path, metavar="RUN_DIR", help="run folder")
     diag.add_argument("--ckpt", type=Path, default=None, help="checkpoint (default: the "
                       "run's latest; RUN_DIR/ckpt/envNNNNNNN.pt: at its evaluations)")  # fmt: skip
-    diag.add_argument("--episodes", type=_positive_int, default=2,
-                      help="held-out episodes to collect (default: %(default)s)")
-    diag.add_argument("--states", type=_positive_int, default=8,
-                      help="start states for the return tests (default: %(default)s)")
-    diag.add_argument("--sequences", type=_positive_int, default=50,
-                      help="random action sequences per state (default: %(default)s)")
+    diag.add_argument(
+        "--episodes",
+        type=_positive_int,
+        default=2,
+        help="held-out episodes to collect (default: %(default)s)",
+    )
+    diag.add_argument(
+        "--states",
+        type=_positive_int,
+        default=8,
+        help="start states for the return tests (default: %(default)s)",
+    )
+    diag.add_argument(
+        "--sequences",
+        type=_positive_int,
+        default=50,
+        help="random action sequences per state (default: %(default)s)",
+    )
     diag.add_argument("--policy", choices=("planner", "random"), default="planner",
                       help="how the held-out episodes act (default: %(default)s, with the "
                       "run's exploration noise)")  # fmt: skip
@@ -521,6 +533,48 @@ def _run_dmc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 # --------------------------------------------------------------------------- entry point
 
+# --------------------------------------------------------------------------- report
+
+
+def _add_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "runs",
+        type=Path,
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run folders of any experiment (a dmc run in progress too)",
+    )
+    parser.add_argument(
+        "--bench",
+        type=Path,
+        nargs="*",
+        default=[],
+        metavar="JSON",
+        help="benchmark JSON files to add (benchmarks/out/*.json)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("docs/results.md"),
+                        help="Markdown file to write (default: %(default)s)")  # fmt: skip
+
+
+def _run_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import shlex
+
+    from dcem.experiments import report
+    from dcem.experiments.common import RunFolderError
+
+    command = "dcem report " + " ".join(shlex.quote(str(p)) for p in args.runs)
+    if args.bench:
+        command += " --bench " + " ".join(shlex.quote(str(p)) for p in args.bench)
+    try:
+        path = report.write(args.out, args.runs, args.bench, command=command)
+    except RunFolderError as err:
+        parser.error(f"argument RUN_DIR: {err}")
+    except OSError as err:
+        parser.error(f"argument --out: cannot write {args.out}: {err}")
+    log.info("wrote %s", path)
+    return 0
+
+
 _COMMANDS: dict[str, tuple[str, Callable[..., None], Callable[..., int]]] = {
     "regression": (
         "energy-based 1-D regression, unrolled GD vs DCEM (paper §5.1, figs 2, 6, 7)",
@@ -536,6 +590,11 @@ _COMMANDS: dict[str, tuple[str, Callable[..., None], Callable[..., int]]] = {
         "DeepMind Control from proprioception: PlaNet world model + CEM planner (paper §5.2.2)",
         _add_dmc,
         _run_dmc,
+    ),
+    "report": (
+        "the measured tables of docs/results.md, rebuilt from run folders and benchmark JSON",
+        _add_report,
+        _run_report,
     ),
 }
 
