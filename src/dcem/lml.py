@@ -39,7 +39,6 @@ from __future__ import annotations
 import math
 import warnings
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -79,35 +78,33 @@ def _newton(
     hi: Tensor,
     iters: int,
     mask: Tensor | None = None,
-    work: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Safeguarded Newton on ``g(nu) = sum_i sigmoid(z_i + nu) - k`` inside ``[lo, hi]``.
 
     z: (r, n); k: (r,) or a number; nu, lo, hi: (r,); mask: (r, n) of 0/1 or None.
-    ``iters`` evaluations of g and ``iters - 1`` updates of nu: a fixed count,
-    masks instead of breaks, no host syncs, two work buffers reused throughout.
-    A Newton step that leaves the bracket is replaced by bisection. ``work`` is an
-    optional scratch buffer like z.
+    ``iters`` evaluations of g and ``iters - 1`` updates of nu: a fixed count, masks
+    instead of breaks, no host syncs (plain tensor code that ``torch.compile`` traces).
+    A Newton step that leaves the bracket is replaced by bisection.
 
     Returns (y, g, nu): y = sigmoid(z + nu) at the last evaluation, g its residual.
     """
-    s, sq = torch.empty_like(z), (torch.empty_like(z) if work is None else work)
+    tiny = torch.finfo(z.dtype).tiny
     for i in range(iters):
-        torch.add(z, nu.unsqueeze(-1), out=s).sigmoid_()
+        s = torch.sigmoid(z + nu.unsqueeze(-1))
         if mask is not None:
-            s.mul_(mask)
+            s = s * mask
         total = s.sum(-1)
         g = total - k
         if i == iters - 1:
             break
         # sum_i s_i (1 - s_i), kept > 0 so that g = 0 stays put and g != 0 with a
         # flat g (all entries saturated) steps out of the bracket into bisection.
-        slope = (total - torch.mul(s, s, out=sq).sum(-1)).clamp_min(torch.finfo(z.dtype).tiny)
+        slope = (total - torch.linalg.vecdot(s, s)).clamp_min(tiny)
         below = g < 0
         lo = torch.where(below, nu, lo)
         hi = torch.where(below, hi, nu)
-        step = torch.addcdiv(nu, g, slope, value=-1.0)
-        nu = torch.where((step >= lo) & (step <= hi), step, torch.lerp(lo, hi, 0.5))
+        step = nu - g / slope
+        nu = torch.where(step.clamp(lo, hi) == step, step, torch.lerp(lo, hi, 0.5))
     return s, g, nu
 
 
@@ -129,22 +126,24 @@ def _normal_quantile(p: float) -> float:
     return _QUANTILES[p]
 
 
-def _initial_guess(
-    z: Tensor, k: float, n: int, stats: tuple[Tensor, Tensor, Tensor, Tensor]
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Closed-form guess and the sort-free bracket for rows of finite scores.
+def _stage1(z: Tensor, k: float, iters: int) -> tuple[Tensor, Tensor]:
+    """Stage 1 of the root find on rows z (r, n) = x / tau: ``(y, g)``, the weights and
+    their residual ``sum(y) - k`` (r,) after ``iters`` evaluations.
 
-    stats = (max, min, std, mean) of each row. The guess treats the scores of a
-    row as Gaussian, N(m, s^2), and uses the probit approximation
-    sigmoid(a) ~ Phi(a sqrt(pi / 8)):
-    E[sigmoid(Z + nu)] ~ Phi((m + nu) / sqrt(8 / pi + s^2)) = k / n.
+    The closed-form guess treats the scores of a row as Gaussian, N(m, s^2), and uses the
+    probit approximation sigmoid(a) ~ Phi(a sqrt(pi / 8)):
+    E[sigmoid(Z + nu)] ~ Phi((m + nu) / sqrt(8 / pi + s^2)) = k / n. The sort-free bracket
+    is ``[c - max(z), c - min(z)]``, ``c = logit(k / n)``. Rows with NaN or infinite
+    entries get NaN residuals.
     """
-    zmax, zmin, s, m = stats
+    n = z.shape[-1]
+    var, m = torch.var_mean(z, -1, correction=0)
+    zmin, zmax = torch.aminmax(z, dim=-1)
     c = math.log(k / (n - k))
     lo, hi = c - zmax, c - zmin
-    quantile = _normal_quantile(k / n)
-    nu = torch.sqrt(s * s + 8.0 / math.pi) * quantile - m
-    return torch.minimum(torch.maximum(nu, lo), hi), lo, hi
+    nu = torch.sqrt(var + 8.0 / math.pi) * _normal_quantile(k / n) - m
+    y, g, _ = _newton(z, k, torch.clamp(nu, lo, hi), lo, hi, iters)
+    return y, g
 
 
 def _offsets(x: Tensor, ref: Tensor, tau: float) -> Tensor:
@@ -255,131 +254,34 @@ def _solve_nonfinite(x: Tensor, k: float, n: int, tau: float) -> Tensor:
     return torch.where(pos, torch.ones_like(y), y)
 
 
-def _row_stats(z: Tensor, work: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(max, min, std, mean) of each row of z: (r, n); work: a buffer like z."""
-    m = z.mean(-1)
-    var = (torch.mul(z, z, out=work).sum(-1) / z.shape[-1] - m * m).clamp_min(0.0)
-    return z.amax(-1), z.amin(-1), var.sqrt(), m
+def _forward(
+    x: Tensor, k: float, tau: float, max_iter: int | None, finish: bool
+) -> tuple[Tensor, Tensor]:
+    """The projection of x (..., n) and a (...,) flag per row: converged.
 
-
-# CPU inputs up to this many entries run stage 1 in NumPy: the same arithmetic, but each
-# operation costs about a microsecond instead of several (small problems are overhead-bound).
-_SMALL = 4096
-
-
-def _stage1_numpy(flat: Tensor, k: float, n: int, iters: int) -> tuple[Tensor, Tensor]:
-    """Stage 1 (guess, bracket, safeguarded Newton) of :func:`_forward` in NumPy.
-
-    The same steps as :func:`_row_stats`, :func:`_initial_guess` and :func:`_newton` on a
-    CPU tensor ``flat`` (r, n), with the same fixed number of steps (so a row's result does
-    not depend on the other rows); returns ``(y, g)`` as tensors. Non-finite rows give NaN
-    residuals, which send them to the careful path exactly as in the torch version.
+    ``finish``: rows that stage 1 leaves unconverged are finished by :func:`_careful`
+    (one host sync; NaN raises) and every flag is True. Otherwise stage 1 is all there is:
+    no host sync, no data-dependent branch (what ``torch.compile`` traces into one graph),
+    and the flags say which rows met the tolerance; the caller finishes the others.
     """
-    y, g = _stage1_arrays(flat.detach().numpy(), k, n, iters)
-    return torch.from_numpy(y), torch.from_numpy(g)
-
-
-def _forward_numpy(x: np.ndarray, k: int, tau: float) -> np.ndarray:
-    """:func:`_forward` of a float32/float64 array with k < n, without leaving NumPy while
-    stage 1 converges (the careful path runs in torch). No size check: meant for the small
-    problems of the NumPy refit, whose operations cost about a microsecond each."""
-    n = x.shape[-1]
-    with np.errstate(all="ignore"):  # a float32 tau may underflow: the careful path then
-        flat = (x / x.dtype.type(tau) if tau != 1.0 else x).reshape(-1, n)
-    dtype = torch.float32 if x.dtype == np.float32 else torch.float64
-    y, g = _stage1_arrays(flat, k, n, _STAGE1_ITERS[dtype])
-    if not float(np.abs(g).max(initial=0.0)) <= _RTOL[dtype] * max(1.0, float(k)):
-        return _forward(torch.from_numpy(x), k, tau, None).numpy()
-    return y.reshape(x.shape)
-
-
-def _stage1_arrays(z: np.ndarray, k: float, n: int, iters: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_stage1_numpy` on an array z (r, n): ``(y, g)`` as arrays."""
-    if z.shape[0] == 1:
-        return _stage1_row(z, k, n, iters)
-    return _stage1_batched(z, k, n, iters)
-
-
-def _stage1_start(z: np.ndarray, k: float, n: int) -> tuple[np.ndarray, ...]:
-    """The guess and bracket ``(nu, lo, hi)`` (r,) of :func:`_initial_guess` for rows z (r, n)
-    (called under ``np.errstate(all="ignore")``)."""
-    dt = z.dtype.type
-    m = z.sum(-1) / n
-    s = np.sqrt(np.maximum((z * z).sum(-1) / n - m * m, 0))
-    c = math.log(k / (n - k))
-    lo, hi = c - z.max(-1), c - z.min(-1)
-    nu = np.sqrt(s * s + dt(8.0 / math.pi)) * dt(_normal_quantile(k / n)) - m
-    return np.minimum(np.maximum(nu, lo), hi).astype(z.dtype), lo, hi
-
-
-def _stage1_batched(z: np.ndarray, k: float, n: int, iters: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_stage1_arrays` with the per-row quantities as arrays (r,)."""
-    dt = z.dtype.type
-    with np.errstate(all="ignore"):
-        nu, lo, hi = _stage1_start(z, k, n)
-        tiny = np.finfo(z.dtype).tiny
-        for i in range(iters):
-            y = 1 / (1 + np.exp(-(z + nu[:, None])))
-            total = y.sum(-1)
-            g = total - dt(k)
-            if i == iters - 1:
-                break
-            slope = np.maximum(total - (y * y).sum(-1), tiny)
-            below = g < 0
-            lo, hi = np.where(below, nu, lo), np.where(below, hi, nu)
-            step = nu - g / slope
-            nu = np.where((step >= lo) & (step <= hi), step, 0.5 * (lo + hi)).astype(z.dtype)
-    return y, np.asarray(g)
-
-
-def _stage1_row(z: np.ndarray, k: float, n: int, iters: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_stage1_batched` for one row, z (1, n), bit for bit: after the common start,
-    the Newton steps' per-row quantities are NumPy scalars of z's dtype (IEEE arithmetic of
-    the same precision, cheaper than operations on one-element arrays), so a problem solved
-    alone costs less (``benchmarks/optim.py`` times both forms)."""
-    dt, row = z.dtype.type, z[0]
-    tiny = np.finfo(z.dtype).tiny
-    with np.errstate(all="ignore"):
-        nu, lo, hi = (t[0] for t in _stage1_start(z, k, n))
-        for i in range(iters):
-            y = np.add(row, nu)  # y = 1 / (1 + exp(-(z + nu))), in one buffer
-            np.exp(np.negative(y, out=y), out=y)
-            np.divide(1, np.add(1, y, out=y), out=y)
-            total = y.sum()
-            g = total - dt(k)
-            if i == iters - 1:
-                break
-            spread = total - (y * y).sum()
-            slope = spread if not spread <= tiny else dt(tiny)  # np.maximum, NaN included
-            lo, hi = (nu, hi) if g < 0 else (lo, nu)
-            step = nu - g / slope
-            nu = step if lo <= step <= hi else 0.5 * (lo + hi)
-    return y[None], np.asarray([g])
-
-
-def _forward(x: Tensor, k: float, tau: float, max_iter: int | None) -> Tensor:
     n = x.shape[-1]
     work = (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).reshape(-1, n)
+    done = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
     if k == n:
-        if bool(torch.isnan(work).any() | (work == -math.inf).any()):
+        if finish and bool(torch.isnan(work).any() | (work == -math.inf).any()):
             raise ValueError(f"x contains NaN or -inf but k = n = {n} selects every entry")
-        return torch.ones_like(x)
+        return torch.ones_like(x), done
     # x / tau may overflow (or, in float32, tau underflow) for finite x: such rows do not
     # converge in stage 1 and are solved from the unscaled x by the careful path.
     flat = work / tau if tau != 1.0 else work
     tol = _RTOL[flat.dtype] * max(1.0, float(k))
-    iters = _STAGE1_ITERS[flat.dtype] if max_iter is None else max_iter
-    if flat.device.type == "cpu" and flat.numel() <= _SMALL:
-        y, g = _stage1_numpy(flat, k, n, iters)
-    else:
-        buf = torch.empty_like(flat)
-        stats = _row_stats(flat, buf)
-        nu, lo, hi = _initial_guess(flat, k, n, stats)
-        y, g, _ = _newton(flat, k, nu, lo, hi, iters, work=buf)
+    y, g = _stage1(flat, k, _STAGE1_ITERS[flat.dtype] if max_iter is None else max_iter)
+    if not finish:
+        return y.reshape(x.shape).to(x.dtype), (g.abs() <= tol).reshape(done.shape)
     # The one host sync: NaN/inf scores give NaN residuals and fail the test too.
     if not float(g.abs().max()) <= tol:
         y = _careful(work, y, g, k, n, tol, tau)
-    return y.reshape(x.shape).to(x.dtype)
+    return y.reshape(x.shape).to(x.dtype), done
 
 
 def _careful(x: Tensor, y: Tensor, g: Tensor, k: float, n: int, tol: float, tau: float) -> Tensor:
@@ -402,60 +304,63 @@ def _careful(x: Tensor, y: Tensor, g: Tensor, k: float, n: int, tol: float, tau:
             warnings.warn(
                 f"lml: |sum(y) - k| = {err:.3g} after the root find (tolerance {tol:.3g})",
                 RuntimeWarning,
-                stacklevel=5,
+                stacklevel=6,
             )
     return y
 
 
 def _vjp(y: Tensor, grad: Tensor, tau: float) -> Tensor:
-    """Implicit gradient of the projection: (1/tau) h (g - <h, g> / sum h).
+    """Implicit gradient of the projection: (1/tau) h (g - <h, g> / sum h), h = y (1 - y).
 
-    Plain backward passes fill two (r, n) buffers in place (fresh large
-    allocations cost page faults); double backward and torch.func transforms take
-    the out-of-place form, which they can differentiate and batch.
+    Plain differentiable operations: double backward and ``torch.func`` transforms
+    differentiate and batch it like any other code.
     """
-    h = torch.addcmul(y, y, y, value=-1.0)  # y (1 - y)
+    h = y - y * y
     hsum = h.sum(-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
+    out = (grad - (h * grad).sum(-1, keepdim=True) / hsum) * h  # 0 where every h is 0
     if tau < torch.finfo(y.dtype).tiny:  # tau is 0 in y's dtype: divide in float64
-        ratio = (h * grad).sum(-1, keepdim=True) / hsum
-        return ((grad - ratio) * h).double().div(tau).to(y.dtype)
-    if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
-        ratio = (h * grad).sum(-1, keepdim=True) / hsum
-        out = (grad - ratio) * h
-        return out / tau if tau != 1.0 else out
-    out = torch.mul(h, grad)
-    ratio = out.sum(-1, keepdim=True) / hsum  # 0 where every h is 0
-    torch.sub(grad, ratio, out=out).mul_(h)
-    return out.div_(tau) if tau != 1.0 else out
+        return out.double().div(tau).to(y.dtype)
+    return out / tau if tau != 1.0 else out
 
 
 class _LMLFunction(torch.autograd.Function):
+    """``(x, k, tau, max_iter, finish) -> (y, converged)`` (see :func:`_forward`): the root
+    find in the forward, the closed-form implicit gradient (:func:`_vjp`) in the backward."""
+
     @staticmethod
-    def forward(x: Tensor, k: float, tau: float, max_iter: int | None) -> Tensor:
-        return _forward(x, k, tau, max_iter)
+    def forward(
+        x: Tensor, k: float, tau: float, max_iter: int | None, finish: bool
+    ) -> tuple[Tensor, Tensor]:
+        return _forward(x, k, tau, max_iter, finish)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # type: ignore[override]
         ctx.tau = inputs[2]
-        ctx.save_for_backward(output)
+        ctx.save_for_backward(output[0])
+        ctx.mark_non_differentiable(output[1])
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad, _grad_done):  # type: ignore[override]
         (y,) = ctx.saved_tensors
-        return _vjp(y, grad, ctx.tau), None, None, None
+        return _vjp(y, grad, ctx.tau), None, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, x, k, tau, max_iter):  # type: ignore[override]
+    def vmap(info, in_dims, x, k, tau, max_iter, finish):  # type: ignore[override]
         # A vmapped dimension is just one more leading batch dimension.
         x = x.movedim(in_dims[0], 0)
-        return _LMLFunction.apply(x, k, tau, max_iter), 0
+        return _LMLFunction.apply(x, k, tau, max_iter, finish), (0, 0)
 
 
-# Function.apply binds default arguments through inspect.signature on every call
-# (tens of microseconds, a large share for small inputs). All our arguments are
-# positional, so outside torch.func transforms and torch.compile we call the C
-# implementation that Function.apply itself ends in.
-_apply_positional = super(torch.autograd.Function, _LMLFunction).apply
+def _lml(x: Tensor, k: float, tau: float, finish: bool) -> tuple[Tensor, Tensor | None]:
+    """:func:`lml` without the argument checks, for :mod:`dcem.optim`: ``(y, ok)``.
+
+    ``finish=True``: the exact projection, ``ok`` None. ``finish=False``: stage 1 only
+    (the fixed-iteration form that ``torch.compile`` traces without a graph break) and
+    ``ok``, a 0-dim bool tensor: every row converged. Where it is False the caller must
+    compute the projection again with ``finish=True``.
+    """
+    y, done = _LMLFunction.apply(x, k, tau, None, finish)
+    return y, (None if finish else done.all())
 
 
 def lml(x: Tensor, k: float, tau: float = 1.0, *, max_iter: int | None = None) -> Tensor:
@@ -466,8 +371,9 @@ def lml(x: Tensor, k: float, tau: float = 1.0, *, max_iter: int | None = None) -
 
     Args:
         x: scores, shape ``(..., n)``, any floating dtype and device (the output
-            follows them). Higher scores get weights nearer 1. ``+inf`` entries are
-            always selected (weight 1) and ``-inf`` never (weight 0).
+            follows them; float16/bfloat16 are solved in float32). Higher scores get
+            weights nearer 1. ``+inf`` entries are always selected (weight 1) and
+            ``-inf`` never (weight 0).
         k: the number of entries to select, ``1 <= k <= n`` (may be fractional).
         tau: temperature ``> 0``; it divides the scores. ``tau -> 0`` gives the hard
             top-k indicator :func:`topk_mask`, large ``tau`` gives ``k / n`` everywhere.
@@ -482,11 +388,12 @@ def lml(x: Tensor, k: float, tau: float = 1.0, *, max_iter: int | None = None) -
         small ``tau`` is; the gradient is finite unless its true value exceeds the
         dtype's range (``tau`` below about ``1 / finfo.max``).
 
-    Gradients are the closed-form implicit ones (O(n), never through the solver).
-    Works under ``torch.func`` (``vmap``, ``grad``, ``vjp``, ``jacrev``). Under
-    ``torch.compile`` the input checks (NaN, infinities) and the stage-2 fallback
-    are data-dependent, so dynamo breaks the graph around this call and runs it
-    eagerly; the surrounding code is still compiled.
+    Gradients are the closed-form implicit ones (O(n), never through the solver),
+    themselves differentiable (second derivatives). Works under ``torch.func``
+    (``vmap``, ``grad``, ``vjp``, ``jacrev``). Under ``torch.compile`` the input checks
+    (NaN, infinities) and the stage-2 fallback are data-dependent, so dynamo breaks the
+    graph around this call and runs it eagerly; the surrounding code is still compiled
+    (:func:`dcem.dcem` with ``compile=True`` compiles stage 1 with its iteration instead).
 
     Raises:
         ValueError: non-floating ``x``, empty last dimension, ``k`` outside
@@ -499,9 +406,7 @@ def lml(x: Tensor, k: float, tau: float = 1.0, *, max_iter: int | None = None) -
         isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1
     ):
         raise ValueError(f"max_iter must be None or an integer >= 1, got {max_iter!r}")
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
-        return _LMLFunction.apply(x, k, float(tau), max_iter)
-    return _apply_positional(x, k, float(tau), max_iter)
+    return _LMLFunction.apply(x, k, float(tau), max_iter, True)[0]
 
 
 class LML(torch.nn.Module):

@@ -4,13 +4,15 @@ All three solve ``x* = argmin_x f(x)`` for a batch of problems. ``dcem`` is
 differentiable: its output carries gradients to the parameters inside ``f``, to
 ``init_mu`` and to ``init_sigma`` through reparameterized sampling, the costs,
 the soft top-k (:func:`dcem.lml`, implicit gradient) and the weighted
-maximum-likelihood updates. One iteration is :func:`dcem_step` /
-:func:`cem_step`; the loops add bookkeeping only.
+maximum-likelihood updates, all by autograd. One iteration is :func:`dcem_step` /
+:func:`cem_step`; the loops add bookkeeping only. Each computation has one PyTorch
+implementation; ``compile=True`` hands one iteration to ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -18,14 +20,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from dcem import _native
-from dcem.lml import _forward as _lml_forward
-from dcem.lml import _forward_numpy as _lml_forward_numpy
-from dcem.lml import _vjp as _lml_vjp
-from dcem.lml import lml
+from dcem.lml import _lml
 
 __all__ = [
     "cem",
@@ -222,213 +219,55 @@ def _costs(f: Cost, x: Tensor) -> Tensor:
     return v if v.dtype == x.dtype else v.to(x.dtype)
 
 
-def _std_mean(v: Tensor) -> tuple[Tensor, Tensor]:
-    """``torch.std_mean(v, dim=-1, keepdim=True)`` (unbiased) in two passes: the mean, then
-    the centred sum of squares. Differentiable (a zero variance is clamped to the smallest
-    normal number, so its gradient is 0 rather than NaN); on a CPU core it took a tenth of
-    the time of ``std_mean``'s kernel for (1024, 100)."""
-    mean = v.mean(-1, keepdim=True)
-    centred = v - mean
-    var = torch.linalg.vecdot(centred, centred).unsqueeze(-1) / (v.shape[-1] - 1)
-    return var.clamp_min(torch.finfo(v.dtype).tiny).sqrt(), mean
+# ----------------------------------------------------------------------------- one iteration
 
 
-def _standardize(v: Tensor, normalize: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Finite costs (B, N) to scores ``z`` (what :func:`_scores` computes), with the clamped
-    std ``s`` and the mask ``live`` of problems whose std is not clamped (for the VJP)."""
-    if not normalize:
-        return -v, None, None
-    std, mean = _std_mean(v)
-    eps = torch.finfo(v.dtype).eps
-    s = std.clamp_min(eps)
-    return (mean - v) / s, s, std > eps
+def _scores(
+    v: Tensor, normalize: bool, n_elite: int, finish: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """Scores ``z`` (B, N) to rank (higher is better) for costs ``v`` (B, N), and ``ok``.
 
-
-def _standardize_vjp(g_z: Tensor, z: Tensor, s: Tensor | None, live: Tensor | None) -> Tensor:
-    """``g_v`` from ``g_z`` for :func:`_standardize`: for the unbiased std,
-    ``g_v = (-g_z + mean(g_z) + z sum(g_z z) / (N - 1)) / std`` (no spread term where
-    the std was clamped)."""
-    if s is None or live is None:
-        return -g_z
-    spread = (g_z * z).sum(-1, keepdim=True) / (z.shape[-1] - 1) * live
-    return (g_z.mean(-1, keepdim=True) - g_z + z * spread) / s
-
-
-def _scores(v: Tensor, normalize: bool, k: int = 1) -> Tensor:
-    """Scores to rank (higher is better): -v, standardized per problem when ``normalize``.
-
-    Non-finite costs get the score ``-inf`` (weight exactly 0 in :func:`dcem.lml`, never
-    an elite); the others are standardized over the finite costs of their problem. A
-    problem with fewer than ``k`` finite costs raises ``ValueError`` (its elites would
-    have to include non-finite ones). Costs with a non-finite entry cost one more host
-    sync; all-finite costs none beyond :func:`_all_finite`'s.
+    ``z = -v``, standardized per problem over its finite costs when ``normalize``
+    (``(mean - v) / max(std, eps)``, unbiased std); a non-finite cost scores ``-inf``
+    (weight exactly 0 in :func:`dcem.lml`, never an elite) and gets no gradient.
+    A problem with fewer than ``n_elite`` finite costs cannot rank its elites:
+    ``finish=True`` raises ``ValueError`` naming it (one host sync) and ``ok`` is None;
+    ``finish=False`` returns ``ok``, a 0-dim bool tensor, False if there is such a problem.
     """
-    if _all_finite(v):
-        return _standardize(v, normalize)[0]
     finite = torch.isfinite(v)
+    ok = _enough_finite(finite, n_elite, finish)
+    v = torch.where(finite, v, 0.0)
+    if normalize:
+        count = finite.sum(-1, keepdim=True).to(v.dtype)
+        dev = torch.where(finite, v - v.sum(-1, keepdim=True) / count, 0.0)
+        var = torch.linalg.vecdot(dev, dev).unsqueeze(-1) / (count - 1).clamp_min(1)
+        # a zero variance gets a zero gradient, not NaN; a tiny std is clamped to eps
+        std = var.clamp_min(torch.finfo(v.dtype).tiny).sqrt().clamp_min(torch.finfo(v.dtype).eps)
+        v = dev / std
+    return torch.where(finite, -v, -math.inf), ok
+
+
+def _enough_finite(finite: Tensor, n_elite: int, finish: bool) -> Tensor | None:
+    """Whether every problem (row of ``finite``, (B, N)) has ``n_elite`` finite costs: raise
+    if not (``finish``, one host sync), or return the answer as a 0-dim bool tensor."""
     count = finite.sum(-1)
-    few = (count < k).nonzero().flatten()
-    if few.numel():
+    if not finish:
+        return (count >= n_elite).all()
+    if bool((count < n_elite).any()):
         empty = (count == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(
                 f"f returned no finite cost for problem(s) {empty} "
-                f"(costs of shape {tuple(v.shape)})"
+                f"(costs of shape {tuple(finite.shape)})"
             )
         raise ValueError(
-            f"f returned fewer finite costs than n_elite = {k} for problem(s) "
-            f"{few.tolist()[:20]} (fewest: {int(count.min())} of n_sample = {v.shape[-1]}); "
-            "non-finite costs cannot rank elites: lower n_elite, raise n_sample or keep the "
-            "samples in f's domain (lb, ub)"
+            f"f returned fewer finite costs than n_elite = {n_elite} for problem(s) "
+            f"{(count < n_elite).nonzero().flatten().tolist()[:20]} (fewest: "
+            f"{int(count.min())} of n_sample = {finite.shape[-1]}); non-finite costs cannot "
+            "rank elites: lower n_elite, raise n_sample or keep the samples in f's domain "
+            "(lb, ub)"
         )
-    v = torch.where(finite, v, torch.zeros_like(v))
-    if normalize:
-        n_finite = count.unsqueeze(-1).to(v.dtype)
-        dev = torch.where(finite, v - v.sum(-1, keepdim=True) / n_finite, torch.zeros_like(v))
-        std = ((dev * dev).sum(-1, keepdim=True) / (n_finite - 1).clamp_min(1)).sqrt()
-        scores = -dev / std.clamp_min(torch.finfo(v.dtype).eps)
-    else:
-        scores = -v
-    return torch.where(finite, scores, torch.full_like(scores, -math.inf))
-
-
-def _all_finite(v: Tensor) -> bool:
-    """One host sync: the sum is finite unless a cost is not (or the sum overflows)."""
-    return math.isfinite(float(v.detach().sum())) or bool(torch.isfinite(v).all())
-
-
-class _SoftRefit(torch.autograd.Function):
-    """Scores, soft elites and the weighted refit of one DCEM iteration as one graph node.
-
-    ``(v (B, N) finite costs, x (B, N, d)) -> (mu (B, d), sigma (B, d), weights (B, N))``,
-    the same arithmetic as ``_scores`` + ``lml`` + ``_refit`` with a hand-written backward:
-
-    * refit: ``var = sum_n w_n (x_n - mu)^2 / k``, so ``g_mu' = g_mu - 2 g_var sum_n w_n
-      (x_n - mu) / k``, ``g_w_n = (g_mu' . x_n + g_var . (x_n - mu)^2) / k`` and
-      ``g_x_n = w_n (g_mu' + 2 g_var (x_n - mu)) / k`` with ``g_var = g_sigma / (2 sigma)``;
-    * soft top-k: the closed-form implicit gradient of :func:`dcem.lml.lml`;
-    * standardization ``z = (mean - v) / std`` (unbiased std):
-      ``g_v = (-g_z + mean(g_z) + z sum(g_z z) / (N - 1)) / std``.
-
-    Small problems are overhead-bound: one node instead of about twenty cuts the
-    per-iteration overhead (see ``benchmarks/optim.py``). Once differentiable: a second
-    derivative through :func:`dcem` raises; under ``torch.func`` transforms the general,
-    autograd-composed path is used instead.
-    """
-
-    @staticmethod
-    def forward(ctx, v: Tensor, x: Tensor, k: int, tau: float, normalize: bool):  # type: ignore[override]
-        ctx.k, ctx.tau, ctx.normalize = k, tau, normalize
-        ctx.small = (
-            x.device.type == "cpu" and x.numel() <= _SMALL_REFIT and v.dtype == x.dtype
-            and x.dtype in (torch.float32, torch.float64)
-        )  # fmt: skip
-        if ctx.small:
-            mu, sigma, w, ctx.arrays = _soft_refit_numpy(v, x, k, tau, normalize)
-            ctx.mark_non_differentiable(w)
-            return mu, sigma, w
-        tiny = torch.finfo(v.dtype).tiny
-        z, s, live = _standardize(v, normalize)
-        w = _lml_forward(z, k, tau, None)
-        wk = (w / k).unsqueeze(1)
-        mu = torch.bmm(wk, x).squeeze(1)
-        dev = x - mu.unsqueeze(1)
-        var = torch.bmm(wk, dev * dev).squeeze(1)
-        sigma = var.clamp_min(tiny).sqrt()
-        ctx.save_for_backward(x, w, z, s, live, mu, sigma, var)
-        ctx.mark_non_differentiable(w)
-        return mu, sigma, w
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_mu: Tensor, g_sigma: Tensor, _g_w: Tensor):  # type: ignore[override]
-        if ctx.small:
-            g_v, g_x = _soft_refit_backward_numpy(
-                ctx.arrays, ctx.k, ctx.tau, ctx.normalize, g_mu, g_sigma
-            )
-            return g_v, g_x, None, None, None
-        x, w, z, s, live, mu, sigma, var = ctx.saved_tensors
-        k = ctx.k
-        tiny = torch.finfo(var.dtype).tiny
-        g_var = torch.where(var > tiny, g_sigma / (2 * sigma), torch.zeros_like(var))
-        dev = x - mu.unsqueeze(1)
-        wk = (w / k).unsqueeze(1)
-        g_mu = g_mu - 2 * g_var * torch.bmm(wk, dev).squeeze(1)
-        g_w = torch.bmm(x, g_mu.unsqueeze(-1)) + torch.bmm(dev * dev, g_var.unsqueeze(-1))
-        g_w = g_w.squeeze(-1) / k
-        g_x = wk.transpose(1, 2) * torch.addcmul(
-            g_mu.unsqueeze(1), g_var.unsqueeze(1), dev, value=2
-        )
-        g_v = _standardize_vjp(_lml_vjp(w, g_w, ctx.tau), z, s, live)
-        return g_v, g_x, None, None, None
-
-
-# CPU problems with at most this many sample entries (B * N * d) take the NumPy form of the
-# fused node: the same arithmetic at about a microsecond per operation instead of several.
-_SMALL_REFIT = 8192
-
-
-def _soft_refit_numpy(
-    v: Tensor, x: Tensor, k: int, tau: float, normalize: bool
-) -> tuple[Tensor, Tensor, Tensor, tuple]:
-    """:class:`_SoftRefit`'s forward on small CPU tensors; returns mu, sigma, w, saved arrays."""
-    vn, xn = v.detach().numpy(), x.detach().numpy().copy()  # saved: x may be reused
-    n = vn.shape[-1]
-    eps, tiny = np.finfo(vn.dtype).eps, np.finfo(vn.dtype).tiny
-    if normalize:
-        mean = vn.sum(-1, keepdims=True) / n
-        centred = vn - mean
-        std = np.sqrt((centred * centred).sum(-1, keepdims=True) / (n - 1))
-        live, s = std > eps, np.maximum(std, eps)
-        z = -centred / s
-    else:
-        z, s, live = -vn, None, None
-    w = _lml_forward_numpy(z, k, tau)
-    wk = (w / k)[:, None, :]
-    mu = np.matmul(wk, xn)[:, 0]
-    dev = xn - mu[:, None]
-    var = np.matmul(wk, dev * dev)[:, 0]
-    sigma = np.sqrt(np.maximum(var, tiny))
-    arrays = (xn, w, z, s, live, mu, sigma, var)
-    return torch.from_numpy(mu), torch.from_numpy(sigma), torch.from_numpy(w), arrays
-
-
-def _soft_refit_backward_numpy(
-    arrays: tuple, k: int, tau: float, normalize: bool, g_mu: Tensor, g_sigma: Tensor
-) -> tuple[Tensor, Tensor]:
-    """:class:`_SoftRefit`'s backward (formulas in its docstring) on the saved ``arrays`` of
-    :func:`_soft_refit_numpy`; returns ``(g_v (B, N), g_x (B, N, d))``."""
-    xn, w, z, s, live, mu, sigma, var = arrays
-    tiny = np.finfo(var.dtype).tiny
-    gm, gs = g_mu.detach().numpy(), g_sigma.detach().numpy()
-    g_var = np.where(var > tiny, gs / (2 * sigma), 0).astype(var.dtype)
-    dev = xn - mu[:, None]
-    wk = w / k
-    gm = gm - 2 * g_var * np.matmul(wk[:, None, :], dev)[:, 0]
-    g_w = (np.matmul(xn, gm[:, :, None]) + np.matmul(dev * dev, g_var[:, :, None]))[..., 0] / k
-    g_x = wk[:, :, None] * (gm[:, None, :] + 2 * g_var[:, None, :] * dev)
-    h = w * (1 - w)
-    ratio = (h * g_w).sum(-1, keepdims=True) / np.maximum(h.sum(-1, keepdims=True), tiny)
-    g_z = (g_w - ratio) * h
-    if np.finfo(g_z.dtype).tiny <= tau <= np.finfo(g_z.dtype).max:
-        g_z = g_z / g_z.dtype.type(tau)
-    else:  # tau is 0 or inf in the dtype: divide in float64 (overflow to inf is the value)
-        with np.errstate(over="ignore"):
-            g_z = (g_z.astype(np.float64) / tau).astype(g_z.dtype)
-    if normalize:
-        spread = (g_z * z).sum(-1, keepdims=True) / (z.shape[-1] - 1) * live
-        g_v = (g_z.sum(-1, keepdims=True) / z.shape[-1] - g_z + z * spread) / s
-    else:
-        g_v = -g_z
-    return torch.from_numpy(np.ascontiguousarray(g_v)), torch.from_numpy(g_x)
-
-
-def _fusable() -> bool:
-    """Whether :class:`_SoftRefit` may replace the composed path (not under torch.func/compile)."""
-    return not (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling())
-
-
-# ----------------------------------------------------------------------------- one iteration
+    return None
 
 
 def _sample(mu: Tensor, sigma: Tensor, eps: Tensor, lb: Tensor | None, ub: Tensor | None) -> Tensor:
@@ -441,198 +280,47 @@ def _sample(mu: Tensor, sigma: Tensor, eps: Tensor, lb: Tensor | None, ub: Tenso
     return x
 
 
-class _Sample(torch.autograd.Function):
-    """``mu + sigma * eps`` (B, N, d) for large problems, with a backward that never writes a
-    (B, N, d) tensor: ``g_mu = sum_n g`` and ``g_sigma = sum_n g eps`` in one pass, in the C
-    loops (:mod:`dcem._native`) or a cache-sized block of problems at a time (autograd's
-    ``addcmul`` backward writes ``g * eps`` whole, then reads it again). With a graph to
-    build (``create_graph``) the backward is made of differentiable operations."""
+def _refit(mu: Tensor, sigma: Tensor, e: Tensor, w: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Weighted Gaussian maximum likelihood of samples ``x = mu + sigma * e``:
+    ``mu' = sum_n w_n x_n / k`` and ``sigma'^2 = sum_n w_n (x_n - mu')^2 / k``, (B, d).
 
-    @staticmethod
-    def forward(ctx: Any, mu: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(sigma, eps)
-        return torch.addcmul(mu.unsqueeze(1), sigma.unsqueeze(1), eps)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        sigma, eps = ctx.saved_tensors
-        need_mu, need_sigma, need_eps = ctx.needs_input_grad
-        g_mu = g_sigma = None
-        if need_sigma:
-            g_mu, g_sigma = _sample_sums(g, eps)
-        elif need_mu:
-            g_mu = g.sum(1)
-        g_eps = g * sigma.unsqueeze(1) if need_eps else None
-        return g_mu if need_mu else None, g_sigma, g_eps
-
-
-def _sample_sums(g: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sum_n g, sum_n g eps)`` (B, d) of (B, N, d) tensors, reading g once: the C loops,
-    or a block of problems at a time (differentiable: the form taken with a graph)."""
-    if _native_ok(g, eps):
-        g_mu, g_sigma = _native.sample_vjp(g.numpy(), eps.numpy())
-        return torch.from_numpy(g_mu), torch.from_numpy(g_sigma)
-    mus, sigmas = [], []
-    for g_i, eps_i in _blocks(g, eps):
-        mus.append(g_i.sum(1))
-        sigmas.append(torch.mul(g_i, eps_i).sum(1))
-    return torch.cat(mus), torch.cat(sigmas)
-
-
-_BLOCK = 1 << 18  # entries (1 MiB of float32) per block of the large-problem nodes
-
-
-def _native_ok(*tensors: Tensor) -> bool:
-    """Whether the C loops may take these tensors: built, CPU, one float32/float64 dtype,
-    no graph (they are read as NumPy arrays)."""
-    dtype = tensors[0].dtype
-    plain = all(
-        t.device.type == "cpu" and t.dtype == dtype and not t.requires_grad for t in tensors
-    )
-    return plain and dtype in (torch.float32, torch.float64) and _native.library() is not None
-
-
-def _blocks(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
-    """The same cache-sized slices of problems (first dim) of (B, N, ...) tensors; one
-    slice, the whole tensors, off the CPU (a GPU pays a kernel launch per operation)."""
-    rows = max(1, _BLOCK // max(1, *(t[0].numel() for t in tensors)))
-    if tensors[0].device.type != "cpu":
-        rows = tensors[0].shape[0]
-    return [tuple(t[i : i + rows] for t in tensors) for i in range(0, tensors[0].shape[0], rows)]
-
-
-def _noise_moments(w: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sum_n w eps, sum_n w eps^2)``, both (B, d), for weights w (B, N) and noise eps
-    (B, N, d), reading the noise once: the C loops, or a cache-sized block of problems at
-    a time (``eps^2`` is never written whole). No autograd graph."""
-    if _native_ok(w, eps):
-        a, q = _native.noise_moments(w.numpy(), eps.numpy())
-        return torch.from_numpy(a), torch.from_numpy(q)
-    firsts, seconds = [], []
-    for w_i, eps_i in _blocks(w.unsqueeze(1), eps):
-        firsts.append(torch.bmm(w_i, eps_i))
-        seconds.append(torch.bmm(w_i, eps_i.square()))
-    return torch.cat(firsts).squeeze(1), torch.cat(seconds).squeeze(1)
-
-
-def _noise_moments_vjp(eps: Tensor, g_a: Tensor, g_q: Tensor) -> Tensor:
-    """The gradient ``(B, N)`` w.r.t. w of :func:`_noise_moments`:
-    ``sum_d (eps g_a + eps^2 g_q)``, like the forward."""
-    if _native_ok(eps, g_a, g_q):
-        return torch.from_numpy(_native.noise_moments_vjp(eps.numpy(), g_a.numpy(), g_q.numpy()))
-    parts = []
-    for a_i, q_i, eps_i in _blocks(g_a.unsqueeze(1), g_q.unsqueeze(1), eps):
-        part = torch.bmm(a_i, eps_i.transpose(1, 2))
-        parts.append(torch.baddbmm(part, q_i, eps_i.square().transpose(1, 2)))
-    return torch.cat(parts).squeeze(1)
-
-
-def _refit_from_moments(
-    mu: Tensor, sigma: Tensor, total: Tensor, a: Tensor, squares: Tensor, k: int
-) -> tuple[Tensor, ...]:
-    """:func:`_refit_reparam`'s formulas from ``S = sum w`` (B, 1) and the noise moments
-    ``a = sum w eps``, ``squares = sum w eps^2`` (B, d): returns ``(mu', sigma', e, c,
-    spread, var)``, the last four for :class:`_NoiseRefit`'s backward."""
-    e = a / total
-    spread = squares - total * e * e
-    new_mu = torch.addcmul(total * mu, sigma, a) / k
-    c = (1 - total / k) * torch.addcmul(mu, sigma, e)
-    var = (sigma * sigma * spread + total * c * c) / k
-    return new_mu, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt(), e, c, spread, var
-
-
-class _NoiseRefit(torch.autograd.Function):
-    """Scores, soft elites and the refit from the noise (:func:`_refit_reparam`) of one
-    large-problem DCEM iteration as one graph node:
-    ``(v (B, N) finite costs, mu (B, d), sigma (B, d), eps (B, N, d) constant noise) ->
-    (mu' (B, d), sigma' (B, d), w (B, N))``.
-
-    The same arithmetic as ``_scores`` + ``lml`` + ``_refit_reparam``, with a hand-written
-    backward (the chain rule through the refit formulas, :func:`dcem.lml`'s implicit
-    gradient and the standardization's): about twenty small autograd nodes per iteration
-    become one, and the noise is read once in each direction (:func:`_noise_moments`).
-    The gradient through ``S = sum w`` is left out: the soft top-k pins S at k, and its
-    VJP removes any per-problem constant from ``g_w``. Once differentiable; under
-    ``torch.func`` transforms the composed path is used instead.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, v: Tensor, mu: Tensor, sigma: Tensor, eps: Tensor, k: int,
-                tau: float, normalize: bool) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]  # fmt: skip
-        z, s, live = _standardize(v, normalize)
-        w = _lml_forward(z, k, tau, None)
-        total = w.sum(-1, keepdim=True)
-        new_mu, new_sigma, e, c, spread, var = _refit_from_moments(
-            mu, sigma, total, *_noise_moments(w, eps), k
-        )
-        ctx.k, ctx.tau = k, tau
-        ctx.save_for_backward(eps, w, z, s, live, sigma, total, e, c, spread, var, new_sigma)
-        ctx.mark_non_differentiable(w)
-        return new_mu, new_sigma, w
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g_new_mu: Tensor, g_new_sigma: Tensor, _g_w: Tensor
-                 ) -> tuple[Tensor | None, ...]:  # type: ignore[override]  # fmt: skip
-        eps, w, z, s, live, sigma, total, e, c, spread, var, new_sigma = ctx.saved_tensors
-        k = ctx.k
-        tiny = torch.finfo(var.dtype).tiny
-        # var = (sigma^2 spread + S c^2) / k, sigma' = sqrt(var) where var > tiny
-        g_var = torch.where(var > tiny, g_new_sigma / (2 * new_sigma), torch.zeros_like(var)) / k
-        g_spread = g_var * sigma * sigma
-        # c = (1 - S / k) (mu + sigma e); mu' = (S mu + sigma a) / k
-        g_m = 2 * g_var * total * c * (1 - total / k)
-        g_mu = g_new_mu * (total / k) + g_m
-        g_sigma = g_mu * e + 2 * g_var * sigma * spread  # a = S e
-        # spread = q - S e^2, e = a / S
-        g_e = g_m * sigma - 2 * total * e * g_spread
-        g_a = g_new_mu * sigma / k + g_e / total
-        g_w = _noise_moments_vjp(eps, g_a, g_spread)
-        g_v = _standardize_vjp(_lml_vjp(w, g_w, ctx.tau), z, s, live)
-        return g_v, g_mu, g_sigma, None, None, None, None
-
-
-# Function.apply adds a Python layer (torch.func checks) to every call, a large share of a
-# small problem's iteration; these nodes run only in eager autograd (see _fusable), so
-# DCEM calls the C implementation that Function.apply ends in (as dcem.lml does).
-_apply_sample = super(torch.autograd.Function, _Sample).apply
-_apply_soft_refit = super(torch.autograd.Function, _SoftRefit).apply
-_apply_noise_refit = super(torch.autograd.Function, _NoiseRefit).apply
-
-
-def _refit(x: Tensor, weights: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Weighted Gaussian maximum likelihood: x (B, N, d), weights (B, N) summing to k."""
-    w = weights.unsqueeze(1)
-    mu = torch.bmm(w, x).squeeze(1) / k
-    dev = x - mu.unsqueeze(1)
-    var = torch.bmm(w, dev * dev).squeeze(1) / k
-    return mu, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
-
-
-def _refit_reparam(
-    mu: Tensor, sigma: Tensor, eps: Tensor, weights: Tensor, k: int
-) -> tuple[Tensor, Tensor]:
-    """:func:`_refit` of unclamped samples ``x = mu + sigma * eps``, computed from ``eps``.
-
-    The same function, but the (B, N, d) work is two reads of the constant noise
-    and one elementwise pass without a graph: with ``S = sum w``, ``A = sum w eps``
-    and the weighted mean ``e = A / S`` of the noise,
+    mu, sigma: (B, d); e: (B, N, d); w: (B, N), summing to about k. Computed from ``e``:
+    with ``S = sum w``, ``A = sum w e`` and the weighted mean ``m = A / S`` of e,
     ``mu' = (S mu + sigma A) / k`` and
-    ``sigma'^2 = (sigma^2 sum w (eps - e)^2 + S c^2) / k``, ``c = (1 - S / k)(mu + sigma e)``,
-    where ``sum w (eps - e)^2 = sum w eps^2 - S e^2`` (the noise is standard normal, so
-    the two terms are of the order of k and their difference loses no more than a few
-    digits; one pass writes ``eps^2`` instead of two for the centred squares).
+    ``sigma'^2 = (sigma^2 (sum w e^2 - S m^2) + S c^2) / k``, ``c = (1 - S / k)(mu + sigma m)``.
+    Exact for any such decomposition of x. DCEM passes the standard normal noise
+    (``e = eps``, a constant: the (B, N, d) work is two weighted sums of it and of its
+    square, and the gradient to mu and sigma is (B, d) arithmetic), or for clamped samples
+    ``e = (x - mu) / sigma``. A standard-normal e keeps ``sum w e^2 - S m^2`` well
+    conditioned (a few digits lost at most). Differentiable in every argument.
     """
-    w = weights.unsqueeze(1)
-    a, squares = torch.bmm(w, eps).squeeze(1), torch.bmm(w, eps.square()).squeeze(1)
-    new_mu, new_sigma, *_ = _refit_from_moments(
-        mu, sigma, weights.sum(-1, keepdim=True), a, squares, k
-    )
-    return new_mu, new_sigma
+    total = w.sum(-1, keepdim=True)
+    wb = w.unsqueeze(1)
+    a = torch.bmm(wb, e).squeeze(1)
+    squares = torch.bmm(wb, e * e).squeeze(1)
+    m = a / total
+    c = (1 - total / k) * torch.addcmul(mu, sigma, m)
+    var = (sigma * sigma * (squares - total * m * m) + total * c * c) / k
+    new_mu = torch.addcmul(total * mu, sigma, a) / k
+    return new_mu, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
 
 
-# Above this many sample entries (B * N * d) without bounds, refit from the noise.
-_REPARAM_REFIT_MIN = 65_536
+def _soft_refit(
+    v: Tensor, mu: Tensor, sigma: Tensor, e: Tensor, k: int, tau: float, normalize: bool,
+    finish: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """Scores, soft elites ``w = lml(z, k, tau)`` and the refit of ``x = mu + sigma e`` from
+    the costs v (B, N): ``(mu', sigma', w, ok)``. ``finish`` as in :func:`_scores`; with
+    ``finish=False`` the soft top-k is stage 1 alone and ``ok`` also says it converged."""
+    z, ok = _scores(v, normalize, k, finish)
+    w, converged = _lml(z, k, tau, finish)
+    new_mu, new_sigma = _refit(mu, sigma, e, w, k)
+    return new_mu, new_sigma, w, (None if ok is None or converged is None else ok & converged)
+
+
+def _noise(x: Tensor, mu: Tensor, sigma: Tensor, eps: Tensor, bounded: bool) -> Tensor:
+    """The standardized samples ``e`` with ``x = mu + sigma e`` (see :func:`_refit`)."""
+    return (x - mu.unsqueeze(1)) / sigma.unsqueeze(1) if bounded else eps
 
 
 def dcem_step(
@@ -651,16 +339,17 @@ def dcem_step(
 
     Returns ``(mu, sigma, samples, costs, weights)``: the refitted ``(B, d)`` mean
     and std, the ``(B, N, d)`` samples, their ``(B, N)`` costs and the soft elite
-    weights ``lml(scores, n_elite, tau)``. Differentiable in everything.
+    weights ``lml(scores, n_elite, tau)``. Differentiable in everything, by autograd
+    through the sampling, ``f``, the standardization and the refit, with the soft
+    top-k's implicit gradient.
 
     The shapes, ``n_elite`` and ``tau`` are checked (no host sync); the values of
     ``mu`` and ``sigma`` are not (:func:`dcem` checks its inputs once).
     """
     _check_step(mu, sigma, eps, n_elite)
     _check_tau(tau)
-    return _dcem_step(
-        f, mu, sigma, eps, n_elite=n_elite, tau=tau, lb=lb, ub=ub, normalize=normalize
-    )
+    out = _dcem_step(f, mu, sigma, eps, n_elite=n_elite, tau=tau, lb=lb, ub=ub, normalize=normalize)
+    return out[:5]
 
 
 def _check_step(mu: Tensor, sigma: Tensor, eps: Tensor, n_elite: int) -> None:
@@ -678,6 +367,9 @@ def _check_step(mu: Tensor, sigma: Tensor, eps: Tensor, n_elite: int) -> None:
         raise ValueError(f"n_elite must be < N = eps.shape[1], got {n_elite} and eps {eps.shape}")
 
 
+Step = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]
+
+
 def _dcem_step(
     f: Cost,
     mu: Tensor,
@@ -689,29 +381,15 @@ def _dcem_step(
     lb: Tensor | None = None,
     ub: Tensor | None = None,
     normalize: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """:func:`dcem_step` without the argument checks (what :func:`dcem` calls)."""
-    reparam = lb is None and ub is None and eps.numel() >= _REPARAM_REFIT_MIN
-    if reparam and _fusable():
-        x = _apply_sample(mu, sigma, eps)
-    else:
-        x = _sample(mu, sigma, eps, lb, ub)
+    finish: bool = True,
+) -> Step:
+    """:func:`dcem_step` without the argument checks, plus ``ok`` (see :func:`_soft_refit`):
+    the unit that ``compile=True`` compiles."""
+    x = _sample(mu, sigma, eps, lb, ub)
     v = _costs(f, x)
-    if _fusable() and _all_finite(v):
-        if not reparam:
-            new_mu, new_sigma, weights = _apply_soft_refit(v, x, n_elite, tau, normalize)
-            return new_mu, new_sigma, x, v, weights
-        if not eps.requires_grad:
-            new_mu, new_sigma, weights = _apply_noise_refit(
-                v, mu, sigma, eps, n_elite, tau, normalize
-            )
-            return new_mu, new_sigma, x, v, weights
-    weights = lml(_scores(v, normalize, n_elite), n_elite, tau)
-    if reparam:
-        new_mu, new_sigma = _refit_reparam(mu, sigma, eps, weights, n_elite)
-    else:
-        new_mu, new_sigma = _refit(x, weights, n_elite)
-    return new_mu, new_sigma, x, v, weights
+    e = _noise(x, mu, sigma, eps, lb is not None or ub is not None)
+    new_mu, new_sigma, w, ok = _soft_refit(v, mu, sigma, e, n_elite, tau, normalize, finish)
+    return new_mu, new_sigma, x, v, w, ok
 
 
 def _dcem_step_pruned(
@@ -727,7 +405,8 @@ def _dcem_step_pruned(
     lb: Tensor | None,
     ub: Tensor | None,
     normalize: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    finish: bool = True,
+) -> Step:
     """DCEM iteration that keeps f's graph only on ``n_keep + n_anchor + 1`` of the N samples.
 
     f runs on all N samples without a graph, then again with a graph on the ``n_keep``
@@ -740,8 +419,9 @@ def _dcem_step_pruned(
     x = _sample(mu, sigma, eps, lb, ub)
     with torch.no_grad():
         v_all = _costs(f, x)
-        scores = _scores(v_all, normalize, n_elite)
-        order = lml(scores, n_elite, tau).argsort(dim=-1, descending=True)
+        scores, ok = _scores(v_all, normalize, n_elite, finish)
+        w_all, converged = _lml(scores, n_elite, tau, finish)
+        order = w_all.argsort(dim=-1, descending=True)
         dropped = order[:, n_keep:]
         n_anchor = min(n_anchor, dropped.shape[1])
         picks = torch.linspace(0, max(dropped.shape[1] - 1, 0), n_anchor, device=x.device)
@@ -755,12 +435,11 @@ def _dcem_step_pruned(
         nearest = torch.cdist(x.detach(), points.detach()).argmin(-1)  # (B, N)
     borrowed = v_graph.gather(1, nearest)
     v = (v_all + (borrowed - borrowed.detach())).scatter(1, graph_idx, v_graph[:, :-1])
-    if _fusable() and _all_finite(v):
-        mu, sigma, weights = _apply_soft_refit(v, x, n_elite, tau, normalize)
-    else:
-        weights = lml(_scores(v, normalize, n_elite), n_elite, tau)
-        mu, sigma = _refit(x, weights, n_elite)
-    return mu, sigma, x, v, weights
+    e = _noise(x, mu, sigma, eps, lb is not None or ub is not None)
+    mu, sigma, w, ok_refit = _soft_refit(v, mu, sigma, e, n_elite, tau, normalize, finish)
+    if ok is not None and converged is not None and ok_refit is not None:
+        ok = ok & converged & ok_refit
+    return mu, sigma, x, v, w, ok
 
 
 def cem_step(
@@ -782,14 +461,14 @@ def cem_step(
     symmetry with :func:`dcem_step`.) Shapes and ``n_elite`` are checked as there.
     """
     _check_step(mu, sigma, eps, n_elite)
-    return _cem_update(f, _sample(mu, sigma, eps, lb, ub), n_elite)
+    return _cem_step(f, mu, sigma, eps, n_elite=n_elite, lb=lb, ub=ub)[:5]
 
 
 def _take(x: Tensor, idx: Tensor) -> Tensor:
     """The rows ``x[b, idx[b, j]]``: x (B, N, d), idx (B, m) -> (B, m, d), differentiable.
 
-    ``index_select`` on the flattened rows copies whole rows; ``gather`` with the index
-    expanded over d took 10x the time at (1024, 100, 32), m = 10 on a CPU core.
+    ``index_select`` on the flattened rows copies whole rows (``gather`` with the index
+    expanded over d reads and writes it entry by entry).
     """
     n_batch, n = x.shape[:2]
     offsets = torch.arange(0, n_batch * n, n, device=idx.device).unsqueeze(1)
@@ -797,30 +476,70 @@ def _take(x: Tensor, idx: Tensor) -> Tensor:
     return rows.view(n_batch, idx.shape[1], x.shape[-1])
 
 
-def _lowest(v: Tensor, k: int) -> Tensor:
-    """Indices (B, k) of the k lowest of each row of finite costs v (B, N), in no order.
-
-    NumPy's ``argpartition`` (introselect) on CPU float32/float64 rows: half the time of
-    ``topk(largest=False, sorted=False)`` at (1024, 100), k = 10, on a CPU core.
-    """
-    if v.device.type == "cpu" and v.dtype in (torch.float32, torch.float64) and k < v.shape[-1]:
-        picked = np.argpartition(v.detach().numpy(), k - 1, axis=-1)[:, :k]
-        return torch.from_numpy(np.ascontiguousarray(picked))
-    return v.topk(k, dim=-1, largest=False, sorted=False).indices
-
-
-def _cem_update(f: Cost, x: Tensor, n_elite: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The rest of :func:`cem_step` given the samples x (B, N, d)."""
+def _cem_step(
+    f: Cost,
+    mu: Tensor,
+    sigma: Tensor,
+    eps: Tensor,
+    *,
+    n_elite: int,
+    lb: Tensor | None = None,
+    ub: Tensor | None = None,
+    finish: bool = True,
+) -> Step:
+    """:func:`cem_step` without the argument checks, plus ``ok`` (see :func:`_scores`): the
+    ``n_elite`` lowest finite costs of each problem (``topk``), their mean and std."""
+    x = _sample(mu, sigma, eps, lb, ub)
     v = _costs(f, x)
-    if _all_finite(v):  # the lowest costs directly (no negated copy, the elites unordered)
-        idx = _lowest(v, n_elite)
-    else:
-        idx = _scores(v, False, n_elite).topk(n_elite, dim=-1, sorted=False).indices
-    elites = _take(x, idx)
+    finite = torch.isfinite(v)
+    ok = _enough_finite(finite, n_elite, finish)
+    lowest = torch.where(finite, v, math.inf).topk(n_elite, dim=-1, largest=False, sorted=False)
+    elites = _take(x, lowest.indices)
     mu = elites.mean(1)
     sigma = (elites - mu.unsqueeze(1)).square().mean(1).clamp_min(torch.finfo(x.dtype).tiny).sqrt()
-    weights = torch.zeros_like(v).scatter_(1, idx, 1.0)
-    return mu, sigma, x, v, weights
+    weights = torch.zeros_like(v).scatter_(1, lowest.indices, 1.0)
+    return mu, sigma, x, v, weights, ok
+
+
+# ----------------------------------------------------------------------------- compile
+
+# The compiled form of each step function, made on first use with compile=True (None after
+# a failed compile: that step then runs eagerly for the rest of the process).
+_COMPILED: dict[str, Callable[..., Step] | None] = {}
+
+
+def _run(step: Callable[..., Step], compile: bool, *args: Any, **kw: Any) -> Step:
+    """``step(*args, **kw)`` with ``finish=True`` (eager), or compiled when ``compile``.
+
+    The compiled form runs with ``finish=False``: no host sync and no data-dependent branch
+    inside (one graph per step, traced with dynamic shapes, so a new batch size does not
+    recompile), and one host sync after it reads ``ok``. An iteration it cannot finish
+    (a problem with non-finite costs or a soft top-k row that stage 1 leaves unconverged)
+    runs again eagerly from the same noise, which gives the exact answer or raises. A
+    compile failure warns once and the step runs eagerly from then on; an error of the
+    caller's own (``f`` raising, bad shapes) is raised by the eager run.
+    """
+    if compile:
+        name = step.__name__
+        if name not in _COMPILED:
+            _COMPILED[name] = torch.compile(step, dynamic=True)
+        fn = _COMPILED[name]
+        if fn is not None:
+            try:
+                out = fn(*args, finish=False, **kw)
+            except Exception as err:  # noqa: BLE001 (the eager run below raises the caller's)
+                out = step(*args, finish=True, **kw)
+                _COMPILED[name] = None
+                warnings.warn(
+                    f"dcem: torch.compile of {name} failed ({type(err).__name__}: "
+                    f"{str(err).strip()[:300]}); running it eagerly from now on",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return out
+            if out[-1] is not None and bool(out[-1]):  # the one host sync
+                return out
+    return step(*args, finish=True, **kw)
 
 
 # ----------------------------------------------------------------------------- loops
@@ -846,7 +565,7 @@ def _generator(generator: torch.Generator | None, device: torch.device) -> torch
 
 
 def _replayed_step(
-    f: Cost, state: Tensor, shape: tuple[int, ...], after: list[Tensor], kw: dict
+    f: Cost, state: Tensor, shape: tuple[int, ...], after: list[Tensor], kw: dict, compile: bool
 ) -> Callable[[Tensor, Tensor], tuple[Tensor, ...]]:
     """A DCEM step that draws its noise from a saved generator state.
 
@@ -860,7 +579,7 @@ def _replayed_step(
         gen.set_state(state)
         eps = torch.randn(shape, generator=gen, device=mu.device, dtype=mu.dtype)
         after[:] = [gen.get_state()]
-        return _dcem_step(f, mu, sigma, eps, **kw)
+        return _run(_dcem_step, compile, f, mu, sigma, eps, **kw)[:5]
 
     return run
 
@@ -882,6 +601,7 @@ def dcem(
     n_keep: int | None = None,
     n_anchor: int | None = None,
     callback: Callable[[IterationInfo], None] | None = None,
+    compile: bool = False,
 ) -> Tensor:
     """Differentiable cross-entropy method: ``argmin_x f(x)`` with gradients.
 
@@ -917,6 +637,14 @@ def dcem(
             ``n_keep + n_anchor + 1`` instead of ``N``).
         n_keep, n_anchor: graph samples of the ``"pruned"`` mode (see above).
         callback: called with an :class:`IterationInfo` after each iteration.
+        compile: run each iteration (sampling, ``f``, standardization, the soft top-k's
+            fixed Newton steps, refit; forward and backward) as one ``torch.compile``
+            graph with dynamic shapes: the first call compiles (seconds to a minute), a
+            new batch size does not recompile, a new ``f`` code, ``tau``, bound or grad
+            mode does. An iteration the compiled graph cannot finish (non-finite costs, a
+            soft top-k row needing the robust stage 2) is run again eagerly, so results
+            are those of the eager code up to rounding. A compile failure warns once and
+            runs eagerly. Default False: a call never compiles unless asked.
 
     Non-finite costs rank as the worst (weight exactly 0, never an elite); a problem
     with fewer than ``n_elite`` finite costs in an iteration raises ``ValueError``
@@ -936,16 +664,13 @@ def dcem(
         Gradients reach the parameters of ``f``, ``init_mu`` and ``init_sigma``
         (first derivatives by backpropagation through every iteration, with the soft
         top-k's implicit gradient; second derivatives only under ``torch.func``).
-
-    On the CPU, problems with ``B * N * d >= 65,536`` and no bounds make their passes over
-    the noise in C loops compiled on first use (:mod:`dcem._native`; PyTorch blocks without
-    a C compiler or with ``DCEM_NATIVE=0``).
     """
     _check_callable("f", f)
     _check_tau(tau)
     if not isinstance(backward, str) or backward not in ("full", "checkpoint", "pruned"):
         raise ValueError(f"backward must be 'full', 'checkpoint' or 'pruned', got {backward!r}")
     _check_bool("normalize", normalize)
+    _check_bool("compile", compile)
     _check_callable("callback", callback, optional=True)
     _check_generator(generator)
     mu, sigma, lo, hi, single = _prepare(init_mu, init_sigma, lb, ub, n_sample, n_elite, n_iter)
@@ -961,18 +686,19 @@ def dcem(
     for t in range(n_iter):
         if backward == "checkpoint":
             after: list[Tensor] = []
-            run = _replayed_step(f, gen.get_state(), shape, after, kw)
+            run = _replayed_step(f, gen.get_state(), shape, after, kw, compile)
             out = checkpoint(run, mu, sigma, use_reentrant=False)
             gen.set_state(after[0])
         else:
             eps = torch.randn(shape, generator=gen, device=mu.device, dtype=mu.dtype)
             if backward == "pruned":
-                out = _dcem_step_pruned(f, mu, sigma, eps, n_keep=n_keep, n_anchor=n_anchor, **kw)
+                out = _run(_dcem_step_pruned, compile, f, mu, sigma, eps, n_keep=n_keep,
+                           n_anchor=n_anchor, **kw)  # fmt: skip
             else:
-                out = _dcem_step(f, mu, sigma, eps, **kw)
+                out = _run(_dcem_step, compile, f, mu, sigma, eps, **kw)
         mu, sigma = out[0], out[1]
         if callback is not None:
-            x, v, w = (a.detach() for a in out[2:])
+            x, v, w = (a.detach() for a in out[2:5])
             callback(IterationInfo(t, x, v, w, mu.detach(), sigma.detach()))
     return _finish(mu, lo, hi, single)
 
@@ -998,6 +724,7 @@ def cem(
     return_best: bool = False,
     grad: bool = False,
     callback: Callable[[IterationInfo], None] | None = None,
+    compile: bool = False,
 ) -> Tensor:
     """Cross-entropy method: ``argmin_x f(x)`` with hard top-k elites.
 
@@ -1008,13 +735,15 @@ def cem(
     iterations is returned instead of the final mean. Non-finite costs rank
     last and are never elites; a problem with fewer than ``n_elite`` finite costs in an
     iteration raises ``ValueError``. Costs are cast to the samples' dtype. The argument
-    checks and errors are those of :func:`dcem`.
+    checks and errors are those of :func:`dcem`; ``compile=True`` compiles one iteration
+    as there (an iteration with non-finite costs runs again eagerly).
 
     Returns:
         ``(B, d)`` (or ``(d,)``): the final mean or the best sample, clamped to the bounds.
     """
     _check_callable("f", f)
-    for name, flag in (("normalize", normalize), ("return_best", return_best), ("grad", grad)):
+    for name, flag in (("normalize", normalize), ("return_best", return_best), ("grad", grad),
+                       ("compile", compile)):  # fmt: skip
         _check_bool(name, flag)
     _check_callable("callback", callback, optional=True)
     _check_generator(generator)
@@ -1023,34 +752,18 @@ def cem(
     shape = (mu.shape[0], n_sample, mu.shape[1])
     best_x, best_v = mu, torch.full(mu.shape[:1], math.inf, dtype=mu.dtype, device=mu.device)
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        # Without a graph, the noise and the samples live in two buffers reused by
-        # every iteration (fresh large allocations cost page faults).
-        reuse = not torch.is_grad_enabled()
-        eps = torch.empty(shape, device=mu.device, dtype=mu.dtype) if reuse else None
-        buf = torch.empty_like(eps) if eps is not None else None
         for t in range(n_iter):
-            if eps is None or buf is None:
-                noise = torch.randn(shape, generator=gen, device=mu.device, dtype=mu.dtype)
-                x = _sample(mu, sigma, noise, lo, hi)
-            else:
-                torch.randn(shape, generator=gen, out=eps)
-                x = torch.addcmul(mu.unsqueeze(1), sigma.unsqueeze(1), eps, out=buf)
-                if lo is not None or hi is not None:
-                    x.clamp_(
-                        None if lo is None else lo.unsqueeze(1),
-                        None if hi is None else hi.unsqueeze(1),
-                    )
-            mu, sigma, x, v, w = _cem_update(f, x, n_elite)
+            eps = torch.randn(shape, generator=gen, device=mu.device, dtype=mu.dtype)
+            mu, sigma, x, v, w, _ = _run(_cem_step, compile, f, mu, sigma, eps, n_elite=n_elite,
+                                         lb=lo, ub=hi)  # fmt: skip
             if return_best:
-                vv = torch.where(torch.isfinite(v), v, torch.full_like(v, math.inf))
-                val, idx = vv.min(-1)
+                val, idx = torch.where(torch.isfinite(v), v, math.inf).min(-1)
                 better = val < best_v
                 cand = _take(x, idx.unsqueeze(1)).squeeze(1)
                 best_x = torch.where(better.unsqueeze(-1), cand, best_x)
                 best_v = torch.where(better, val, best_v)
             if callback is not None:
-                samples = x.detach().clone() if reuse else x.detach()
-                callback(IterationInfo(t, samples, v.detach(), w, mu.detach(), sigma.detach()))
+                callback(IterationInfo(t, x.detach(), v.detach(), w, mu.detach(), sigma.detach()))
     return _finish(best_x if return_best else mu, lo, hi, single)
 
 
@@ -1132,7 +845,7 @@ def unroll_gd(f: Callable[[Tensor], Tensor], y0: Tensor, *, n_iter: int, lr: flo
 
 
 class DCEM(torch.nn.Module):
-    """Thin module holding the hyper-parameters of :func:`dcem`.
+    """Thin module holding the hyper-parameters of :func:`dcem` (``compile`` included).
 
     ``forward(f, init_mu, init_sigma=None, generator=None)`` calls :func:`dcem`.
     """
@@ -1149,6 +862,7 @@ class DCEM(torch.nn.Module):
         ub: Bound = None,
         normalize: bool = True,
         backward: Backward = "full",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         # the checks that need no tensor, at construction (the rest at each call)
@@ -1161,6 +875,7 @@ class DCEM(torch.nn.Module):
             )
         _check_tau(tau)
         _check_bool("normalize", normalize)
+        _check_bool("compile", compile)
         if not isinstance(backward, str) or backward not in ("full", "checkpoint", "pruned"):
             raise ValueError(f"backward must be 'full', 'checkpoint' or 'pruned', got {backward!r}")
         self.kw = dict(
@@ -1172,6 +887,7 @@ class DCEM(torch.nn.Module):
             ub=ub,
             normalize=normalize,
             backward=backward,
+            compile=compile,
         )
         self.init_sigma = init_sigma
 
@@ -1184,3 +900,32 @@ class DCEM(torch.nn.Module):
     ) -> Tensor:
         sigma = self.init_sigma if init_sigma is None else init_sigma
         return dcem(f, init_mu, sigma, generator=generator, **self.kw)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- kept names
+# Kept for experiments/regression.py until it moves to the public path: thin wrappers
+# over _soft_refit (no arithmetic of their own), and the size below which it calls them.
+
+_SMALL_REFIT = 8192
+
+
+def _soft_refit_numpy(
+    v: Tensor, x: Tensor, k: int, tau: float, normalize: bool
+) -> tuple[Tensor, Tensor, Tensor, tuple]:
+    """:func:`_soft_refit` of costs v (B, N) and samples x (B, N, d): ``(mu, sigma, w)``
+    detached, and what :func:`_soft_refit_backward_numpy` needs (the graph)."""
+    with torch.enable_grad():
+        v, x = v.detach().requires_grad_(), x.detach().clone().requires_grad_()
+        ref = x.detach().mean(1)  # x = ref + 1 * (x - ref): centred, well conditioned
+        e = x - ref.unsqueeze(1)
+        mu, sigma, w, _ = _soft_refit(v, ref, torch.ones_like(ref), e, k, tau, normalize)
+    return mu.detach(), sigma.detach(), w.detach(), (v, x, mu, sigma)
+
+
+def _soft_refit_backward_numpy(
+    saved: tuple, k: int, tau: float, normalize: bool, g_mu: Tensor, g_sigma: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(g_v (B, N), g_x (B, N, d))`` of :func:`_soft_refit_numpy`'s outputs, by autograd."""
+    v, x, mu, sigma = saved
+    g_v, g_x = torch.autograd.grad((mu, sigma), (v, x), (g_mu, g_sigma), retain_graph=True)
+    return g_v, g_x
