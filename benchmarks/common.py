@@ -14,8 +14,15 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 
-def parse_args(description: str, argv: list[str] | None, repeats: int, tiny_repeats: int):
-    """The options every benchmark takes; sets the torch thread count and the repeats."""
+def parse_args(
+    description: str,
+    argv: list[str] | None,
+    repeats: int,
+    tiny_repeats: int,
+    extra: Callable[[argparse.ArgumentParser], object] | None = None,
+):
+    """The options every benchmark takes (``extra`` adds a benchmark's own); sets the torch
+    thread count and the repeats."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
     parser.add_argument("--tiny", action="store_true", help="small sizes (for the test suite)")
@@ -23,16 +30,9 @@ def parse_args(description: str, argv: list[str] | None, repeats: int, tiny_repe
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is robust on shared machines)"
     )
-    parser.add_argument(
-        "--keep-freed-memory", action="store_true",
-        help="first ask glibc to keep freed memory (dcem.experiments.common.keep_freed_memory):"
-        " fresh large tensors then cost no page faults",
-    )  # fmt: skip
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args(argv)
-    if args.keep_freed_memory:
-        from dcem.experiments.common import keep_freed_memory
-
-        keep_freed_memory()
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads < 1:

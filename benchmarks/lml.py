@@ -57,10 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(__doc__.splitlines()[0], argv, repeats=50, tiny_repeats=5)
     repeats = args.repeats
     rows = [bench_size(b, n, k, repeats) for b, n, k in (TINY_SIZES if args.tiny else SIZES)]
-    result = write_result(
-        "lml", rows, args.out, dtype="float32", device="cpu",
-        keep_freed_memory=args.keep_freed_memory,
-    )  # fmt: skip
+    result = write_result("lml", rows, args.out, dtype="float32", device="cpu")
     for r in rows:
         size = f"(B={r['batch']:5d}, n={r['n']:5d}, k={r['k']:4d})"
         ours = (

@@ -1,36 +1,56 @@
-"""Benchmark of dcem.dcem / dcem.cem against the noise floor and a reference-style baseline.
+"""Benchmark of dcem.dcem / dcem.cem, eager and compiled, against the noise floor and a
+reference-style baseline.
 
-Measured side by side in one run:
-- DCEM forward+backward and CEM forward on a cheap quadratic cost at
-  (B, d) in {(1, 2), (64, 32), (1024, 32)}, N=100, k=10, T=10;
-- the noise floor: T draws of B*N*d standard normals, which no implementation avoids;
+Measured side by side in one run (rounds that time every variant once, medians over rounds,
+so a load change on a shared machine moves all of them together):
+- DCEM forward+backward and CEM forward on a cheap quadratic cost at (B, d) in
+  {(1, 2), (1024, 32)}, N=100, k=10, T=10: eager (the library's default) and with
+  ``compile=True`` (one iteration as a ``torch.compile`` graph, dynamic shapes);
+- the noise floor: T draws of B*N*d standard normals, which no implementation avoids,
+  and the cost f alone on T sample sets (forward, and forward+backward);
 - a baseline written the reference way (torch.distributions sampling, sort-and-bracket
   LML stopped at the reference dcem's lml_eps = 1e-3, argsort and Python loops over batch
   and elites for hard top-k, autograd through all);
+- compile costs: the first compiled call (compile included) at each size, the first call at
+  a new batch size (B / 2: does it compile again?), and the first call in a fresh process
+  with the compile cache this run left warm (a subprocess; the run uses its own, initially
+  empty, inductor cache folder);
 - the share of DCEM's time spent outside f for the regression MLP cost (2-128-128-128-1
-  Softplus, B=100, d=1);
-- peak memory and gradient error of the backward modes full / checkpoint / pruned.
+  Softplus, B=100, d=1), and peak memory and gradient error of the backward modes
+  full / checkpoint / pruned (eager).
 
-Usage: python benchmarks/optim.py [--out PATH] [--tiny]
+``--tiny`` runs small sizes, compiles at one size only and, unless ``--backend`` says
+otherwise, with the ``aot_eager`` backend (dynamo and AOTAutograd without inductor's C++
+code generation: seconds instead of a minute; the test suite runs it).
+
+Usage: python benchmarks/optim.py [--out PATH] [--tiny] [--repeats R] [--threads T]
+[--backend inductor|aot_eager]
 """
 
 from __future__ import annotations
 
-import importlib
+import argparse
+import json
 import math
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 
 import torch
 from torch.distributions import Normal
 
 import dcem
+import dcem.optim
 from common import ReferenceLML, median_time, parse_args, peak_memory_bytes, write_result
-from dcem import _native
 
 N, K, T = 100, 10, 10
-SIZES = [(1, 2), (64, 32), (1024, 32)]
+SIZES = [(1, 2), (1024, 32)]
 TINY_SIZES = [(1, 2), (8, 4)]
+TARGETS = {"dcem_1024x32": 2.0, "cem_1024x32": 2.5, "dcem_1x2": 2.0}  # x faster than baseline
 
 
 def cost_forms(p: torch.Tensor) -> dict:
@@ -57,10 +77,8 @@ def cost_forms(p: torch.Tensor) -> dict:
 
 
 def quadratic(p: torch.Tensor):
-    """The benchmark's cost ``0.5 x'x + p'x``, written with ``mse_loss``: usually the
-    cheapest of :func:`cost_forms` forward and backward (the JSON's
-    ``cost_forms_fwd_bwd_over_floor`` times each form alone; ``f_*_over_floor`` give the
-    cost's share of the times)."""
+    """The benchmark's cost ``0.5 x'x + p'x``, written with ``mse_loss`` (one of
+    :func:`cost_forms`); ``f_*_over_floor`` in the JSON give the cost's own share."""
     return cost_forms(p)["mse_loss"]
 
 
@@ -85,68 +103,123 @@ def baseline(f, mu: torch.Tensor, sigma: torch.Tensor, soft: bool) -> torch.Tens
     return mu
 
 
-def bench_quadratic(batch: int, d: int, repeats: int) -> dict:
+def problem(batch: int, d: int) -> tuple[Callable, Callable, Callable[..., None]]:
+    """(dcem forward+backward, cem forward, noise draws) callables for a (batch, d) problem;
+    the first two take ``compile``."""
     gen = torch.Generator().manual_seed(0)
     p = torch.randn(batch, d, generator=gen).requires_grad_()
     mu0 = torch.zeros(batch, d)
     f = quadratic(p)
+    kw = dict(n_sample=N, n_elite=K, n_iter=T, generator=gen)
 
-    def dcem_fb() -> None:
-        dcem.dcem(f, mu0, 1.0, n_sample=N, n_elite=K, n_iter=T, generator=gen).sum().backward()
+    def dcem_fb(compile: bool = False) -> None:
+        dcem.dcem(f, mu0, 1.0, compile=compile, **kw).sum().backward()
 
-    def cem_f() -> None:
-        dcem.cem(f, mu0, 1.0, n_sample=N, n_elite=K, n_iter=T, generator=gen)
-
-    def base_dcem() -> None:
-        baseline(f, mu0, torch.ones(batch, d), soft=True).sum().backward()
-
-    def base_cem() -> None:
-        with torch.no_grad():
-            baseline(f, mu0, torch.ones(batch, d), soft=False)
+    def cem_f(compile: bool = False) -> None:
+        dcem.cem(f, mu0, 1.0, compile=compile, **kw)
 
     def noise() -> None:
         for _ in range(T):
             torch.randn(batch, N, d, generator=gen)
 
+    return dcem_fb, cem_f, noise
+
+
+def timed_once(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def paired(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each callable over ``repeats`` rounds that run each once."""
+    for fn in fns.values():
+        fn()  # warm-up (and the compile, for compiled callables)
+    rounds = [{name: timed_once(fn) for name, fn in fns.items()} for _ in range(repeats)]
+    return {name: statistics.median(r[name] for r in rounds) for name in fns}
+
+
+def bench_size(batch: int, d: int, repeats: int, compiled: bool) -> dict:
+    """Eager (and compiled, when ``compiled``) DCEM/CEM against the baseline and floors."""
+    dcem_fb, cem_f, noise = problem(batch, d)
+    gen = torch.Generator().manual_seed(1)
+    p = torch.randn(batch, d, generator=gen).requires_grad_()
+    f = quadratic(p)
     samples = [torch.randn(batch, N, d, generator=gen) for _ in range(T)]
+    ones, zeros = torch.ones(batch, d), torch.zeros(batch, d)
+
+    def base_cem() -> None:
+        with torch.no_grad():
+            baseline(f, zeros, ones, soft=False)
 
     def f_fwd() -> None:  # the cost alone on T sample sets, as CEM calls it
         with torch.no_grad():
             for x in samples:
                 f(x)
 
-    def cost_alone(f) -> float:
-        def run() -> None:
-            for x in samples:
-                torch.autograd.grad(f(x.requires_grad_()).sum(), (x, p))
+    def f_fwd_bwd() -> None:
+        for x in samples:
+            torch.autograd.grad(f(x.requires_grad_()).sum(), (x, p))
 
-        return median_time(run, repeats) / floor
-
-    floor = median_time(noise, repeats)
-    forms = {name: cost_alone(form) for name, form in cost_forms(p).items()}
-    times = {
-        "f_fwd_s": median_time(f_fwd, repeats),
-        "f_fwd_bwd_s": forms["mse_loss"] * floor,
-        "dcem_fwd_bwd_s": median_time(dcem_fb, repeats),
-        "cem_fwd_s": median_time(cem_f, repeats),
-        "baseline_dcem_fwd_bwd_s": median_time(base_dcem, max(3, repeats // 2)),
-        "baseline_cem_fwd_s": median_time(base_cem, max(3, repeats // 2)),
+    fns: dict[str, Callable[[], object]] = {
+        "noise_floor_s": noise,
+        "f_fwd_s": f_fwd,
+        "f_fwd_bwd_s": f_fwd_bwd,
+        "dcem_fwd_bwd_s": dcem_fb,
+        "cem_fwd_s": cem_f,
+        "baseline_dcem_fwd_bwd_s": lambda: baseline(f, zeros, ones, soft=True).sum().backward(),
+        "baseline_cem_fwd_s": base_cem,
     }
+    first: dict[str, float] = {}
+    if compiled:  # the first compiled calls compile: timed alone, before the rounds
+        first = {
+            "dcem_first_call_s": timed_once(lambda: dcem_fb(True)),
+            "cem_first_call_s": timed_once(lambda: cem_f(True)),
+        }
+        fns["compiled_dcem_fwd_bwd_s"] = lambda: dcem_fb(True)
+        fns["compiled_cem_fwd_s"] = lambda: cem_f(True)
+    t = paired(fns, repeats)
+    row: dict = {"B": batch, "d": d, "N": N, "k": K, "T": T, **t}
+    floor = t["noise_floor_s"]
+    for name in ("f_fwd", "f_fwd_bwd"):
+        row[f"{name}_over_floor"] = t[f"{name}_s"] / floor
+    for mode in ("", "compiled_") if compiled else ("",):
+        for solver, what in (("dcem", "fwd_bwd"), ("cem", "fwd")):
+            own = t[f"{mode}{solver}_{what}_s"]
+            row[f"{mode}{solver}_over_floor"] = own / floor
+            row[f"{mode}{solver}_speedup_vs_baseline"] = t[f"baseline_{solver}_{what}_s"] / own
+    if compiled:
+        row["compile"] = {
+            **first,
+            "dcem_compile_s": first["dcem_first_call_s"] - t["compiled_dcem_fwd_bwd_s"],
+            "cem_compile_s": first["cem_first_call_s"] - t["compiled_cem_fwd_s"],
+        }
+    return row
+
+
+def new_batch_size(batch: int, d: int, repeats: int) -> dict:
+    """The first compiled DCEM call at a batch size not seen before, after ``bench_size``
+    compiled another: its time, the steady time at that size and whether it compiled."""
+    from torch._dynamo.utils import counters
+
+    dcem_fb, _, _ = problem(batch, d)
+    graphs = counters["stats"]["unique_graphs"]
+    first = timed_once(lambda: dcem_fb(True))
+    recompiled = counters["stats"]["unique_graphs"] > graphs
+    steady = paired({"s": lambda: dcem_fb(True)}, repeats)["s"]
+    return {"B": batch, "d": d, "first_call_s": first, "steady_s": steady,
+            "recompiled": recompiled}  # fmt: skip
+
+
+def warm_cache_probe(batch: int, d: int) -> dict:
+    """In a fresh process (``--probe``): the first compiled DCEM and CEM calls, with the
+    compile cache the parent run left."""
+    dcem_fb, cem_f, _ = problem(batch, d)
     return {
         "B": batch,
         "d": d,
-        "N": N,
-        "k": K,
-        "T": T,
-        "noise_floor_s": floor,
-        **times,
-        "dcem_over_floor": times["dcem_fwd_bwd_s"] / floor,
-        "cem_over_floor": times["cem_fwd_s"] / floor,
-        "f_fwd_over_floor": times["f_fwd_s"] / floor,
-        "f_fwd_bwd_over_floor": times["f_fwd_bwd_s"] / floor,
-        "cost_forms_fwd_bwd_over_floor": forms,
-        "dcem_speedup_vs_baseline": times["baseline_dcem_fwd_bwd_s"] / times["dcem_fwd_bwd_s"],
-        "cem_speedup_vs_baseline": times["baseline_cem_fwd_s"] / times["cem_fwd_s"],
+        "dcem_first_call_s": timed_once(lambda: dcem_fb(True)),
+        "cem_first_call_s": timed_once(lambda: cem_f(True)),
     }
 
 
@@ -167,7 +240,7 @@ def mlp_problem(batch: int, hidden: int, dtype: torch.dtype = torch.float32):
 
 
 def bench_mlp(batch: int, hidden: int, repeats: int) -> dict:
-    """Time outside f, and memory / gradient error of the backward modes."""
+    """Time outside f, and memory / gradient error of the backward modes (eager)."""
     net, f, y0, target = mlp_problem(batch, hidden)
     samples: list[torch.Tensor] = []
 
@@ -190,14 +263,11 @@ def bench_mlp(batch: int, hidden: int, repeats: int) -> dict:
         for x in samples:
             f(x.requires_grad_()).sum().backward()
 
-    # Paired: each round times DCEM and then f alone, and the share is taken per round, so
-    # a load change on a shared machine moves both numbers of a round together.
+    # Paired: the share is taken per round, so a load change moves both numbers of a round.
     rounds = [
         (median_time(lambda: solve("full").backward(), 1, 0), median_time(f_only, 1, 0))
         for _ in range(repeats + 1)
     ][1:]  # the first round warms up
-    total = statistics.median(t for t, _ in rounds)
-    inside = statistics.median(i for _, i in rounds)
     share = statistics.median(max(0.0, (t - i) / t) for t, i in rounds)
     g_full = grad("full")
     modes = {}
@@ -215,8 +285,8 @@ def bench_mlp(batch: int, hidden: int, repeats: int) -> dict:
     return {
         "B": batch,
         "hidden": hidden,
-        "dcem_fwd_bwd_s": total,
-        "f_fwd_bwd_s": inside,
+        "dcem_fwd_bwd_s": statistics.median(t for t, _ in rounds),
+        "f_fwd_bwd_s": statistics.median(i for _, i in rounds),
         "share_outside_f": share,
         "backward_modes": modes,
         "pruned_n_keep": 3 * K,
@@ -224,71 +294,80 @@ def bench_mlp(batch: int, hidden: int, repeats: int) -> dict:
     }
 
 
-def bench_parts(batch: int, d: int, repeats: int) -> dict:
-    """The library's own hot pieces against the plain way, side by side at (B, N, d):
-    CEM's elite selection, the standardization's std, a single row's soft top-k solve,
-    and the three passes over the noise in C loops vs PyTorch blocks (times in seconds;
-    C entries only where the loops could be built). Each call repeats 20 times."""
-    optim, lml = importlib.import_module("dcem.optim"), importlib.import_module("dcem.lml")
-    gen = torch.Generator().manual_seed(2)
-    v = torch.randn(batch, N, generator=gen)
-    eps = torch.randn(batch, N, d, generator=gen)
-    g = torch.randn(batch, N, d, generator=gen)
-    w, g_a, g_q = torch.rand(batch, N), torch.randn(batch, d), torch.randn(batch, d)
-    row = v[:1].numpy()
+def targets(rows: list[dict]) -> dict:
+    """The speedups over the baseline that the library's default (eager) and compile=True
+    reach at the target sizes, with the target (absent sizes are left out)."""
+    out = {}
+    for r in rows:
+        for solver in ("dcem", "cem"):
+            name = f"{solver}_{r['B']}x{r['d']}"
+            if name in TARGETS:
+                out[name] = {
+                    "target": TARGETS[name],
+                    "eager_default": r[f"{solver}_speedup_vs_baseline"],
+                    "compiled": r.get(f"compiled_{solver}_speedup_vs_baseline"),
+                }
+    return out
 
-    def timed(fn) -> float:
-        return median_time(lambda: [fn() for _ in range(20)], repeats) / 20
 
-    parts = {
-        "elites_topk_s": timed(lambda: v.topk(K, dim=-1, largest=False, sorted=False)),
-        "elites_lowest_s": timed(lambda: optim._lowest(v, K)),
-        "std_torch_std_mean_s": timed(lambda: torch.std_mean(v, dim=-1, keepdim=True)),
-        "std_two_pass_s": timed(lambda: optim._std_mean(v)),
-        "lml_row_batched_form_s": timed(lambda: lml._stage1_batched(row, K, N, 4)),
-        "lml_row_scalar_form_s": timed(lambda: lml._stage1_row(row, K, N, 4)),
-    }
-    passes = {
-        "moments": lambda: optim._noise_moments(w, eps),
-        "moments_vjp": lambda: optim._noise_moments_vjp(eps, g_a, g_q),
-        "sample_vjp": lambda: optim._sample_sums(g, eps),
-    }
-    library = _native.library
-    for name, fn in passes.items():
-        if library() is not None:
-            parts[f"{name}_c_s"] = timed(fn)
-        _native.library = lambda: None  # the PyTorch blocks
-        try:
-            parts[f"{name}_blocks_s"] = timed(fn)
-        finally:
-            _native.library = library
-    return {"B": batch, "N": N, "d": d, **parts}
+def print_summary(rows: list[dict], mlp: dict) -> None:
+    for r in rows:
+        text = f"(B={r['B']:4d}, d={r['d']:2d}) floor {r['noise_floor_s'] * 1e3:8.2f} ms"
+        for mode in ("", "compiled_"):
+            if f"{mode}dcem_fwd_bwd_s" in r:
+                text += (
+                    f" | {mode or 'eager_'}dcem {r[f'{mode}dcem_fwd_bwd_s'] * 1e3:8.2f} ms"
+                    f" {r[f'{mode}dcem_speedup_vs_baseline']:4.1f}x base,"
+                    f" cem {r[f'{mode}cem_fwd_s'] * 1e3:8.2f} ms"
+                    f" {r[f'{mode}cem_speedup_vs_baseline']:4.1f}x base"
+                )
+        print(text, file=sys.stderr)
+        if "compile" in r:
+            c = r["compile"]
+            print(f"  compile: dcem {c['dcem_compile_s']:.1f} s, cem {c['cem_compile_s']:.1f} s",
+                  file=sys.stderr)  # fmt: skip
+    print(f"MLP cost: {100 * mlp['share_outside_f']:.1f}% of DCEM time outside f", file=sys.stderr)
+
+
+def options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend", choices=["inductor", "aot_eager"], default=None,
+        help="torch.compile backend of the compiled runs (default inductor; aot_eager with --tiny)",
+    )  # fmt: skip
+    parser.add_argument("--probe", nargs=2, type=int, help=argparse.SUPPRESS)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(__doc__.splitlines()[0], argv, repeats=10, tiny_repeats=3)
-    repeats = args.repeats
-    rows = [bench_quadratic(b, d, repeats) for b, d in (TINY_SIZES if args.tiny else SIZES)]
-    mlp = bench_mlp(8, 16, repeats) if args.tiny else bench_mlp(100, 128, repeats)
-    parts = bench_parts(*(TINY_SIZES[-1] if args.tiny else SIZES[-1]), repeats)
-    for r in rows:
-        print(
-            f"(B={r['B']:4d}, d={r['d']:2d}) dcem {r['dcem_fwd_bwd_s'] * 1e3:8.2f} ms"
-            f" = {r['dcem_over_floor']:5.2f}x floor, {r['dcem_speedup_vs_baseline']:5.1f}x faster"
-            f" than baseline | cem {r['cem_fwd_s'] * 1e3:8.2f} ms = {r['cem_over_floor']:5.2f}x"
-            f" floor, {r['cem_speedup_vs_baseline']:5.1f}x faster | f alone"
-            f" {r['f_fwd_over_floor']:.2f}x (fwd), {r['f_fwd_bwd_over_floor']:.2f}x (fwd+bwd)",
-            file=sys.stderr,
-        )
-    print(f"MLP cost: {100 * mlp['share_outside_f']:.1f}% of DCEM time outside f", file=sys.stderr)
-    for name, m in mlp["backward_modes"].items():
-        peak = f"peak {m['peak_bytes'] / 2**20:8.1f} MiB ({m['peak_vs_full']:.2f} of full)"
-        print(f"  {name:10s} {peak}, grad error {m['grad_rel_error']:.2e}", file=sys.stderr)
-    native = _native.library() is not None  # the C loops, or PyTorch blocks (DCEM_NATIVE=0)
-    print(f"C loops over the noise: {'yes' if native else 'no (PyTorch blocks)'}", file=sys.stderr)
+    args = parse_args(__doc__.splitlines()[0], argv, repeats=10, tiny_repeats=3, extra=options)
+    args.backend = args.backend or ("aot_eager" if args.tiny else "inductor")
+    dcem.optim._BACKEND = args.backend  # what compile=True uses
+    if args.probe:  # the fresh process of the warm-cache measurement
+        print(json.dumps(warm_cache_probe(*args.probe)))
+        return {}
+    load = os.getloadavg()
+    sizes = TINY_SIZES if args.tiny else SIZES
+    with tempfile.TemporaryDirectory(prefix="dcem-bench-inductor-") as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # compile from an empty cache
+        rows = [
+            bench_size(b, d, args.repeats, compiled=not args.tiny or (b, d) == sizes[-1])
+            for b, d in sizes
+        ]
+        big = sizes[-1]
+        fresh = new_batch_size(big[0] // 2, big[1], args.repeats)
+        command = [sys.executable, __file__, "--probe", str(big[0]), str(big[1]),
+                   "--threads", str(args.threads), "--backend", args.backend]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+        if done.returncode != 0:
+            raise RuntimeError(f"the warm-cache probe failed:\n{done.stderr[-2000:]}")
+        warm = json.loads(done.stdout.strip().splitlines()[-1])
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    mlp = bench_mlp(8, 16, args.repeats) if args.tiny else bench_mlp(100, 128, args.repeats)
+    print_summary(rows, mlp)
     return write_result(
-        "optim", rows, args.out, mlp=mlp, device="cpu", dtype="float32",
-        keep_freed_memory=args.keep_freed_memory, native_loops=native, parts=parts,
+        "optim", rows, args.out, device="cpu", dtype="float32", default="eager",
+        compile_backend=args.backend,
+        load_average_1min={"start": load[0], "end": os.getloadavg()[0]},
+        targets=targets(rows), new_batch_size=fresh, warm_cache_process=warm, mlp=mlp,
     )  # fmt: skip
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -457,24 +458,27 @@ def test_unroll_gd_matches_closed_form_and_fd() -> None:
         dcem.unroll_gd(lambda y: y, y0, n_iter=2, lr=0.1)
 
 
-@pytest.mark.parametrize("options", [(), ("--keep-freed-memory",)])
-def test_benchmark_runs_tiny(tmp_path, options: tuple[str, ...]) -> None:
-    result = run_benchmark("optim", tmp_path, *options)
-    assert result["keep_freed_memory"] is bool(options)
-    assert result["native_loops"] is (dcem.optim._native.library() is not None)
-    parts = result["parts"]
-    for name in ["elites_topk", "elites_lowest", "std_torch_std_mean", "std_two_pass",
-                 "lml_row_batched_form", "lml_row_scalar_form", "moments_blocks",
-                 "moments_vjp_blocks", "sample_vjp_blocks"]:  # fmt: skip
-        assert parts[f"{name}_s"] > 0
-    assert ("moments_c_s" in parts) is result["native_loops"]
-    for row in result["results"]:
+def test_benchmark_runs_tiny(tmp_path: Path) -> None:
+    """The optimizer benchmark at tiny size: eager and compiled (aot_eager backend) timings
+    with their ratios, compile costs, the new batch size (no recompile) and the fresh
+    process with a warm cache, the targets section, the backward modes."""
+    result = run_benchmark("optim", tmp_path)
+    assert result["default"] == "eager" and result["compile_backend"] == "aot_eager"
+    rows = result["results"]
+    for row in rows:
         assert row["noise_floor_s"] > 0 and row["dcem_fwd_bwd_s"] > 0 and row["cem_fwd_s"] > 0
         assert 0 < row["f_fwd_s"] < row["f_fwd_bwd_s"]  # the cost alone, for the split
-        assert row["f_fwd_over_floor"] == pytest.approx(row["f_fwd_s"] / row["noise_floor_s"])
-        forms = row["cost_forms_fwd_bwd_over_floor"]
-        assert set(forms) == {"mse_loss", "square_sum", "norm", "three_pass"}
-        assert forms["mse_loss"] == pytest.approx(row["f_fwd_bwd_over_floor"])
+        assert row["dcem_over_floor"] == pytest.approx(row["dcem_fwd_bwd_s"] / row["noise_floor_s"])
+        base = row["baseline_dcem_fwd_bwd_s"]
+        assert row["dcem_speedup_vs_baseline"] == pytest.approx(base / row["dcem_fwd_bwd_s"])
+    compiled = rows[-1]  # --tiny compiles at its last size only
+    assert "compiled_dcem_fwd_bwd_s" not in rows[0]
+    assert compiled["compiled_dcem_fwd_bwd_s"] > 0 and compiled["compiled_cem_fwd_s"] > 0
+    assert compiled["compile"]["dcem_first_call_s"] > compiled["compiled_dcem_fwd_bwd_s"]
+    assert result["new_batch_size"]["recompiled"] is False
+    assert result["new_batch_size"]["B"] == compiled["B"] // 2
+    assert result["warm_cache_process"]["dcem_first_call_s"] > 0
+    assert set(result["targets"]) == {"dcem_1x2"}  # the other target sizes are not tiny
     modes = result["mlp"]["backward_modes"]
     assert modes["checkpoint"]["grad_rel_error"] == 0.0
     assert modes["checkpoint"]["peak_bytes"] < modes["full"]["peak_bytes"]
@@ -561,3 +565,116 @@ def test_half_precision_runs_and_agrees_with_float32(dtype: torch.dtype) -> None
     assert torch.allclose(outs[1], p32, atol=0.15)  # the optimum of sum (x - p)^2 is p
     assert torch.isfinite(grads[1]).all()
     assert (grads[1] - grads[0]).norm() <= 0.25 * grads[0].norm()
+
+
+# ----------------------------------------------------------------------------- compile=True
+
+
+@pytest.fixture
+def compiled(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """dcem.optim with a fresh compile cache and the aot_eager backend (dynamo's tracing and
+    AOTAutograd's joint graph, without inductor's code generation: seconds, not minutes)."""
+    import importlib
+
+    optim = importlib.import_module("dcem.optim")
+    torch._dynamo.reset()
+    monkeypatch.setattr(optim, "_COMPILED", {})
+    monkeypatch.setattr(optim, "_BACKEND", "aot_eager")
+    yield optim
+    torch._dynamo.reset()
+
+
+def _solve_and_grad(solver: str, batch: int, bad: bool = False, **kw: Any) -> tuple:
+    p = torch.randn(batch, 3, generator=gen(batch), dtype=F64).requires_grad_()
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        v = 0.5 * (x * x).sum(-1) + (x * p.unsqueeze(1)).sum(-1)
+        return torch.where(x[..., 0] > 1.0, math.inf, v) if bad else v
+
+    out = getattr(dcem, solver)(f, torch.zeros(batch, 3, dtype=F64), 1.5, n_sample=30,
+                                n_elite=5, n_iter=3, generator=gen(1), **kw)  # fmt: skip
+    if not out.requires_grad:
+        return out, None
+    (g,) = torch.autograd.grad(out.sum(), p)
+    return out.detach(), g
+
+
+@pytest.mark.parametrize("backward", ["full", "checkpoint", "pruned"])
+def test_compiled_dcem_equals_eager_and_a_new_batch_size_does_not_recompile(
+    compiled: Any, backward: str
+) -> None:
+    from torch._dynamo.utils import counters
+
+    kw: dict[str, Any] = dict(backward=backward, n_keep=10) if backward == "pruned" else {}
+    for batch in (4, 6):  # the second size reuses the first one's graphs (dynamic shapes)
+        before = counters["stats"]["unique_graphs"]
+        out_c, g_c = _solve_and_grad("dcem", batch, compile=True, **kw)
+        if batch == 6:
+            assert counters["stats"]["unique_graphs"] == before
+        out_e, g_e = _solve_and_grad("dcem", batch, **kw)
+        torch.testing.assert_close(out_c, out_e, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(g_c, g_e, rtol=1e-8, atol=1e-10)
+    assert compiled._COMPILED[f"_dcem_step{'_pruned' if backward == 'pruned' else ''}"]
+
+
+def test_compiled_cem_equals_eager(compiled: Any) -> None:
+    for batch in (3, 5):
+        out_c, _ = _solve_and_grad("cem", batch, compile=True)
+        out_e, _ = _solve_and_grad("cem", batch)
+        torch.testing.assert_close(out_c, out_e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["dcem", "cem"])
+def test_compiled_iteration_with_non_finite_costs_runs_again_eagerly(
+    compiled: Any, solver: str
+) -> None:
+    """Non-finite costs send an iteration back to the eager code: the same result as eager
+    (within rounding), the weights of the non-finite costs exactly 0, and a problem left
+    with too few finite costs raises the eager error."""
+    out_c, g_c = _solve_and_grad(solver, 4, bad=True, compile=True)
+    out_e, g_e = _solve_and_grad(solver, 4, bad=True)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-10, atol=1e-12)
+    if g_e is not None:
+        torch.testing.assert_close(g_c, g_e, rtol=1e-8, atol=1e-10)
+
+    def hopeless(x: torch.Tensor) -> torch.Tensor:
+        return torch.full(x.shape[:2], math.nan, dtype=x.dtype)
+
+    with pytest.raises(ValueError, match=r"no finite cost for problem\(s\) \[0, 1\]"):
+        getattr(dcem, solver)(hopeless, torch.zeros(2, 3), compile=True)
+
+
+def test_compile_failure_warns_once_and_runs_eagerly(
+    compiled: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_backend(gm: Any, example_inputs: Any) -> Any:
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(compiled, "_BACKEND", broken_backend)
+    with pytest.warns(RuntimeWarning, match="torch.compile of _dcem_step failed") as record:
+        out_c, g_c = _solve_and_grad("dcem", 3, compile=True)
+        out_c2, _ = _solve_and_grad("dcem", 3, compile=True)
+    assert sum("torch.compile" in str(w.message) for w in record) == 1
+    assert compiled._COMPILED["_dcem_step"] is None
+    out_e, g_e = _solve_and_grad("dcem", 3)
+    assert torch.equal(out_c, out_e) and torch.equal(g_c, g_e) and torch.equal(out_c2, out_e)
+
+
+def test_compiled_call_raises_the_callers_errors_without_a_warning(compiled: Any) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"f must return costs of shape \(B, N\)"):
+            dcem.dcem(lambda x: x.sum(), torch.zeros(2, 3), compile=True)
+    assert compiled._COMPILED.get("_dcem_step") is not None  # not marked as broken
+
+
+def test_compile_is_off_by_default_and_checked(compiled: Any) -> None:
+    _solve_and_grad("dcem", 2)
+    dcem.cem(lambda x: x.square().sum(-1), torch.zeros(2, 3))
+    assert compiled._COMPILED == {}  # nothing compiled unless asked
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        dcem.dcem(lambda x: x.square().sum(-1), torch.zeros(2, 3), compile="yes")
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        dcem.DCEM(compile=1)

@@ -504,8 +504,10 @@ def _cem_step(
 # ----------------------------------------------------------------------------- compile
 
 # The compiled form of each step function, made on first use with compile=True (None after
-# a failed compile: that step then runs eagerly for the rest of the process).
+# a failed compile: that step then runs eagerly for the rest of the process), and the
+# torch.compile backend it uses.
 _COMPILED: dict[str, Callable[..., Step] | None] = {}
+_BACKEND = "inductor"
 
 
 def _run(step: Callable[..., Step], compile: bool, *args: Any, **kw: Any) -> Step:
@@ -522,7 +524,7 @@ def _run(step: Callable[..., Step], compile: bool, *args: Any, **kw: Any) -> Ste
     if compile:
         name = step.__name__
         if name not in _COMPILED:
-            _COMPILED[name] = torch.compile(step, dynamic=True)
+            _COMPILED[name] = torch.compile(step, dynamic=True, backend=_BACKEND)
         fn = _COMPILED[name]
         if fn is not None:
             try:
