@@ -235,10 +235,11 @@ def _scores(
     ``finish=False`` returns ``ok``, a 0-dim bool tensor, False if there is such a problem.
     """
     finite = torch.isfinite(v)
-    ok = _enough_finite(finite, n_elite, finish)
+    count = finite.sum(-1, keepdim=True)
+    ok = _enough_finite(count, v.shape[-1], n_elite, finish)
     v = torch.where(finite, v, 0.0)
     if normalize:
-        count = finite.sum(-1, keepdim=True).to(v.dtype)
+        count = count.to(v.dtype)
         dev = torch.where(finite, v - v.sum(-1, keepdim=True) / count, 0.0)
         var = torch.linalg.vecdot(dev, dev).unsqueeze(-1) / (count - 1).clamp_min(1)
         # a zero variance gets a zero gradient, not NaN; a tiny std is clamped to eps
@@ -247,10 +248,10 @@ def _scores(
     return torch.where(finite, -v, -math.inf), ok
 
 
-def _enough_finite(finite: Tensor, n_elite: int, finish: bool) -> Tensor | None:
-    """Whether every problem (row of ``finite``, (B, N)) has ``n_elite`` finite costs: raise
-    if not (``finish``, one host sync), or return the answer as a 0-dim bool tensor."""
-    count = finite.sum(-1)
+def _enough_finite(count: Tensor, n_sample: int, n_elite: int, finish: bool) -> Tensor | None:
+    """Whether every problem has ``n_elite`` finite costs (``count``: (B, 1) finite costs of
+    each of N): raise if not (``finish``, one host sync), or return it as a 0-dim bool."""
+    count = count.squeeze(-1)
     if not finish:
         return (count >= n_elite).all()
     if bool((count < n_elite).any()):
@@ -258,12 +259,12 @@ def _enough_finite(finite: Tensor, n_elite: int, finish: bool) -> Tensor | None:
         if empty:
             raise ValueError(
                 f"f returned no finite cost for problem(s) {empty} "
-                f"(costs of shape {tuple(finite.shape)})"
+                f"(costs of shape {(count.shape[0], n_sample)})"
             )
         raise ValueError(
             f"f returned fewer finite costs than n_elite = {n_elite} for problem(s) "
             f"{(count < n_elite).nonzero().flatten().tolist()[:20]} (fewest: "
-            f"{int(count.min())} of n_sample = {finite.shape[-1]}); non-finite costs cannot "
+            f"{int(count.min())} of n_sample = {n_sample}); non-finite costs cannot "
             "rank elites: lower n_elite, raise n_sample or keep the samples in f's domain "
             "(lb, ub)"
         )
@@ -285,23 +286,22 @@ def _refit(mu: Tensor, sigma: Tensor, e: Tensor, w: Tensor, k: int) -> tuple[Ten
     ``mu' = sum_n w_n x_n / k`` and ``sigma'^2 = sum_n w_n (x_n - mu')^2 / k``, (B, d).
 
     mu, sigma: (B, d); e: (B, N, d); w: (B, N), summing to about k. Computed from ``e``:
-    with ``S = sum w``, ``A = sum w e`` and the weighted mean ``m = A / S`` of e,
-    ``mu' = (S mu + sigma A) / k`` and
-    ``sigma'^2 = (sigma^2 (sum w e^2 - S m^2) + S c^2) / k``, ``c = (1 - S / k)(mu + sigma m)``.
-    Exact for any such decomposition of x. DCEM passes the standard normal noise
-    (``e = eps``, a constant: the (B, N, d) work is two weighted sums of it and of its
-    square, and the gradient to mu and sigma is (B, d) arithmetic), or for clamped samples
-    ``e = (x - mu) / sigma``. A standard-normal e keeps ``sum w e^2 - S m^2`` well
-    conditioned (a few digits lost at most). Differentiable in every argument.
+    with ``S = sum w``, ``A = sum w e`` and ``Q = sum w e^2``, ``mu' = (S mu + sigma A) / k``
+    and, as ``x - mu' = D + sigma e`` with ``D = mu - mu'``,
+    ``sigma'^2 = (sigma^2 Q + 2 sigma D A + S D^2) / k``. Exact for any such decomposition
+    of x. DCEM passes the standard normal noise (``e = eps``, a constant: the (B, N, d) work
+    is two weighted sums, of the noise and of its square, and the gradient to mu and sigma
+    is (B, d) arithmetic), or for clamped samples ``e = (x - mu) / sigma``. With e of order 1
+    the terms are of the order of ``sigma^2 k`` and their sum loses a few digits at most.
+    Differentiable in every argument.
     """
     total = w.sum(-1, keepdim=True)
     wb = w.unsqueeze(1)
     a = torch.bmm(wb, e).squeeze(1)
-    squares = torch.bmm(wb, e * e).squeeze(1)
-    m = a / total
-    c = (1 - total / k) * torch.addcmul(mu, sigma, m)
-    var = (sigma * sigma * (squares - total * m * m) + total * c * c) / k
+    q = torch.bmm(wb, e * e).squeeze(1)
     new_mu = torch.addcmul(total * mu, sigma, a) / k
+    d = mu - new_mu
+    var = (sigma * torch.addcmul(sigma * q, d, a, value=2) + total * d * d) / k
     return new_mu, var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()
 
 
@@ -492,7 +492,7 @@ def _cem_step(
     x = _sample(mu, sigma, eps, lb, ub)
     v = _costs(f, x)
     finite = torch.isfinite(v)
-    ok = _enough_finite(finite, n_elite, finish)
+    ok = _enough_finite(finite.sum(-1, keepdim=True), v.shape[-1], n_elite, finish)
     lowest = torch.where(finite, v, math.inf).topk(n_elite, dim=-1, largest=False, sorted=False)
     elites = _take(x, lowest.indices)
     mu = elites.mean(1)
@@ -640,13 +640,17 @@ def dcem(
         n_keep, n_anchor: graph samples of the ``"pruned"`` mode (see above).
         callback: called with an :class:`IterationInfo` after each iteration.
         compile: run each iteration (sampling, ``f``, standardization, the soft top-k's
-            fixed Newton steps, refit; forward and backward) as one ``torch.compile``
-            graph with dynamic shapes: the first call compiles (seconds to a minute), a
-            new batch size does not recompile, a new ``f`` code, ``tau``, bound or grad
-            mode does. An iteration the compiled graph cannot finish (non-finite costs, a
-            soft top-k row needing the robust stage 2) is run again eagerly, so results
-            are those of the eager code up to rounding. A compile failure warns once and
-            runs eagerly. Default False: a call never compiles unless asked.
+            fixed Newton steps, refit; forward and backward) as a ``torch.compile``
+            graph with dynamic shapes (the noise is drawn outside it). The first call
+            compiles: two graphs when the first iteration's mean and std need no
+            gradient and the later ones do, one more for ``B = 1`` (PyTorch specializes
+            sizes 0 and 1), seconds to a minute each on a CPU, less with the compile
+            cache warm. A new batch size does not compile again; a new code of ``f``,
+            ``tau``, bounds or grad mode does. An iteration the graph cannot finish
+            (non-finite costs, a soft top-k row that needs the robust stage 2) runs
+            again eagerly from the same noise, so results are those of the eager code
+            up to rounding. A compile failure warns once and runs eagerly from then on.
+            Default False: a call never compiles unless asked.
 
     Non-finite costs rank as the worst (weight exactly 0, never an elite); a problem
     with fewer than ``n_elite`` finite costs in an iteration raises ``ValueError``
@@ -657,15 +661,16 @@ def dcem(
         ValueError: bad sizes, ``tau`` not a finite number ``> 0``, ``init_mu`` not
             finite, ``init_sigma`` not finite and ``> 0``, NaN bounds or ``lb >= ub``
             (checked at the call, one host sync), or costs as above.
-        TypeError: ``f`` or ``callback`` not callable, ``normalize`` not a bool,
-            ``generator`` not a ``torch.Generator`` or None, bounds or ``init_sigma``
-            neither numbers nor tensors.
+        TypeError: ``f`` or ``callback`` not callable, ``normalize`` or ``compile`` not a
+            bool, ``generator`` not a ``torch.Generator`` or None, bounds or
+            ``init_sigma`` neither numbers nor tensors.
 
     Returns:
         The final mean ``(B, d)`` (or ``(d,)``), clamped to the bounds.
-        Gradients reach the parameters of ``f``, ``init_mu`` and ``init_sigma``
-        (first derivatives by backpropagation through every iteration, with the soft
-        top-k's implicit gradient; second derivatives only under ``torch.func``).
+        Gradients reach the parameters of ``f``, ``init_mu`` and ``init_sigma`` by
+        autograd through every iteration (sampling, costs, standardization, refit), with
+        the soft top-k's closed-form implicit gradient; second derivatives too (autograd
+        with ``create_graph`` or ``torch.func``).
     """
     _check_callable("f", f)
     _check_tau(tau)
