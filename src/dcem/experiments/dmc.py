@@ -449,6 +449,8 @@ def _train_episode(agent: Agent, env: DMCEnv) -> dict[str, Any]:
     def on_step(t: int) -> None:
         if t % interval == 0 and agent.can_update():
             tick = time.perf_counter()
+            if c["env_step"] < cfg.obs_stats_until:
+                agent.fit_obs_stats()
             losses.append(agent.update(cfg.updates_per_round))
             timers["update"] += time.perf_counter() - tick
 
@@ -458,7 +460,7 @@ def _train_episode(agent: Agent, env: DMCEnv) -> dict[str, Any]:
     c["env_step"] += env.steps
     c["episode"] += 1
     if c["episode"] == cfg.seed_episodes:
-        agent.freeze_obs_stats()  # from the seed episodes alone
+        agent.fit_obs_stats()  # from the seed episodes alone, until the first update round
     seconds = time.perf_counter() - start
     agent.wall_seconds += seconds
     keys = ("obs_loss", "reward_loss", "kl_loss", "kl_raw", "decoder_cost")

@@ -62,6 +62,13 @@ class DMCConfig(AgentConfig):
     action_repeat: int = field(default=0, metadata=_doc("0: the task's PlaNet value"))
     episode_steps: int = field(default=1000, metadata=_doc("environment steps per episode"))
     seed_episodes: int = field(default=5, metadata=_doc("random-action episodes first"))
+    obs_stats_until: int = field(
+        default=100_000,
+        metadata=_doc(
+            "observation statistics: refit to the whole replay before each round of model "
+            "updates until this many env steps, then kept (0: those of the seed episodes)"
+        ),
+    )
     update_every: int = field(default=1000, metadata=_doc("env steps between model rounds"))
     updates_per_round: int = field(default=100, metadata=_doc("model updates per round"))
     eval_every: int = field(default=10_000, metadata=_doc("env steps between evaluations"))
@@ -97,7 +104,8 @@ class DMCConfig(AgentConfig):
                      "eval_every", "eval_episodes"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("action_repeat", "seed_episodes", "seed", "decoder_warmup"):
+        for name in ("action_repeat", "seed_episodes", "seed", "decoder_warmup",
+                     "obs_stats_until"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.seq_len > self.agent_steps_per_episode + 1:

@@ -132,25 +132,26 @@ class Agent:
                                  for k in ("obs", "action", "reward"))  # fmt: skip
         return obs, actions, rewards
 
-    def freeze_obs_stats(self) -> None:
-        """Set the model's observation statistics from the replay, once. A model loaded with
-        statistics keeps its own."""
-        if not self.model.has_obs_stats:
-            self.model.set_obs_stats(torch.as_tensor(self.replay.observations(),
-                                                     device=self.device))  # fmt: skip
+    def fit_obs_stats(self) -> None:
+        """Set the model's observation statistics to those of every observation in the replay
+        (the caller decides when: ``dcem dmc train`` refits before each round of updates
+        until ``obs_stats_until`` environment steps, then keeps them)."""
+        self.model.set_obs_stats(torch.as_tensor(self.replay.observations(), device=self.device))
 
     def update(self, n: int) -> dict[str, float]:
         """``n`` Adam updates of the model on replay batches (each followed, with the latent
         planner, by a decoder update every ``decoder_every``); the mean of each loss term.
 
-        The observation statistics are frozen from the replay before the first update. The
-        loss terms stay on the device until the end of the round: one host sync per call.
+        A model without observation statistics takes the replay's first (see
+        :meth:`fit_obs_stats`). The loss terms stay on the device until the end of the round:
+        one host sync per call.
         """
         keys = ("obs_loss", "reward_loss", "kl_loss", "kl_raw")
         sums = torch.zeros(len(keys), device=self.device)
         decoder_costs: list[Tensor] = []
         cfg = self.cfg
-        self.freeze_obs_stats()
+        if not self.model.has_obs_stats:
+            self.fit_obs_stats()
         for _ in range(n):
             obs, actions, rewards = self.sample_batch()
             terms = self.model.loss(
