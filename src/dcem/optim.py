@@ -514,8 +514,8 @@ def _run(step: Callable[..., Step], compile: bool, *args: Any, **kw: Any) -> Ste
     """``step(*args, **kw)`` with ``finish=True`` (eager), or compiled when ``compile``.
 
     The compiled form runs with ``finish=False``: no host sync and no data-dependent branch
-    inside (one graph per step, traced with dynamic shapes, so a new batch size does not
-    recompile), and one host sync after it reads ``ok``. An iteration it cannot finish
+    inside (traced with dynamic shapes, so a new batch size does not recompile), and one
+    host sync after it reads ``ok``. An iteration it cannot finish
     (a problem with non-finite costs or a soft top-k row that stage 1 leaves unconverged)
     runs again eagerly from the same noise, which gives the exact answer or raises. A
     compile failure warns once and the step runs eagerly from then on; an error of the
@@ -529,7 +529,7 @@ def _run(step: Callable[..., Step], compile: bool, *args: Any, **kw: Any) -> Ste
         if fn is not None:
             try:
                 out = fn(*args, finish=False, **kw)
-            except Exception as err:  # noqa: BLE001 (the eager run below raises the caller's)
+            except Exception as err:  # a compiler's error, or the caller's: raised below
                 out = step(*args, finish=True, **kw)
                 _COMPILED[name] = None
                 warnings.warn(
