@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import dcem as dcem_lib
 from dcem import cli
 from dcem.experiments import common, regression
 from dcem.experiments.regression import EnergyNet, RegressionConfig
@@ -110,14 +112,14 @@ def test_batched_evaluation_matches_each_net_alone(method: str) -> None:
         torch.testing.assert_close(preds, alone.detach(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", regression.METHODS)
-def test_a_seed_in_a_batch_takes_the_updates_it_takes_alone(method: str) -> None:
-    """Seeds share the arithmetic, nothing else (no common gradient norm, optimizer, schedule
-    or random stream): seed 1 in the batch (0, 1, 2) moves as seed 1 alone, to rounding."""
+def test_a_gd_seed_in_a_batch_takes_the_updates_it_takes_alone() -> None:
+    """GD seeds share the arithmetic, nothing else (no common gradient norm, optimizer,
+    schedule or data order): seed 1 in the batch (0, 1, 2) moves as seed 1 alone, to rounding.
+    (A DCEM batch also shares its noise generator, so its seeds move differently alone.)"""
     cfg = RegressionConfig(n_updates=10**6, eval_every=10**6)
     data = regression._dataset(cfg)
-    together = regression._new_job(cfg, method, (0, 1, 2))
-    alone = regression._new_job(cfg, method, (1,))
+    together = regression._new_job(cfg, "gd", (0, 1, 2))
+    alone = regression._new_job(cfg, "gd", (1,))
     for _ in range(2):
         regression._sample_step(together, data, cfg)
         regression._sample_step(alone, data, cfg)
@@ -127,15 +129,11 @@ def test_a_seed_in_a_batch_takes_the_updates_it_takes_alone(method: str) -> None
     assert not torch.equal(together.models[0].hidden[0].weight, together.models[1].hidden[0].weight)
 
 
-@pytest.mark.parametrize("method", regression.METHODS)
-def test_batched_seeds_train_as_if_each_ran_alone(method: str, tmp_path: Path) -> None:
-    """A whole run with the seeds batched gives each seed the numbers of one job per seed.
-
-    Not bit for bit: Adam divides each gradient entry by its own running scale, so entries
-    that are rounding noise (the output bias does not move the argmin) take full-size steps
-    whose sign follows the rounding; the predictions drift apart by about 1e-3 relative in
-    60 DCEM updates (unrolled GD stays identical here).
-    """
+def test_batched_gd_seeds_train_as_if_each_ran_alone(tmp_path: Path) -> None:
+    """A whole GD run with the seeds batched gives each seed the numbers of one job per seed
+    (to rounding: Adam divides each gradient entry by its own running scale, so entries that
+    are rounding noise take full-size steps whose sign follows the rounding)."""
+    method = "gd"
     base = RegressionConfig.quick(
         methods=(method,), seeds=(0, 1), n_updates=60, eval_every=20, checkpoint_every=30,
         ablation_steps=(5, 10), grid_size=8,
@@ -177,126 +175,75 @@ def _nets(n_nets: int, n_hidden: int, dtype: torch.dtype = torch.float32) -> lis
     return nets
 
 
-def _noise_maker(shape: tuple[int, ...], dtype: torch.dtype):  # type: ignore[no-untyped-def]
-    """A fresh noise() with the same draws on every call of the returned function."""
-
-    def make():  # type: ignore[no-untyped-def]
-        gen = torch.Generator().manual_seed(7)
-        return lambda: torch.randn(shape, generator=gen, dtype=dtype)
-
-    return make
-
-
-def _solve_with_grads(
-    nets: list[EnergyNet], x: torch.Tensor, cfg: RegressionConfig, fast: bool,
-    monkeypatch: pytest.MonkeyPatch, method: str = "dcem",
-) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
-    """A training-style prediction of the stacked nets and the gradient of a loss on it,
-    through the written-out node (``fast``) or through the library (dcem_step or unroll_gd)
-    with autograd."""
-    monkeypatch.setattr(regression, "_fast_dcem_ok", lambda *_: fast)
-    monkeypatch.setattr(regression, "_fast_gd_ok", lambda *_: fast)
-    params = regression.stack_params(nets)
-    make = _noise_maker((x.shape[0] * x.shape[1], cfg.dcem_n_sample, 1), x.dtype)
-    y_hat = regression.predict_batch(params, x, method, cfg, 4, make())
-    grads = torch.autograd.grad(
-        (y_hat - 1.0).square().sum(), [p for n in nets for p in n.parameters()],
-        allow_unused=True, materialize_grads=True,
-    )  # fmt: skip
-    return y_hat.detach(), list(grads)
-
-
-def test_fused_dcem_solve_matches_the_library_path_with_autograd(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The training solve written out (:class:`_DCEMThroughNet`) equals dcem.dcem_step's
-    iterations differentiated by autograd: outputs and every parameter's gradient, float64."""
-    cfg = RegressionConfig(dcem_n_sample=30, dcem_n_elite=5)
-    nets = _nets(2, 8, torch.float64)
-    x = torch.rand(2, 3, 1, dtype=torch.float64) * 6.0
-    y_fast, g_fast = _solve_with_grads(nets, x, cfg, True, monkeypatch)
-    y_ref, g_ref = _solve_with_grads(nets, x, cfg, False, monkeypatch)
-    torch.testing.assert_close(y_fast, y_ref, rtol=1e-10, atol=1e-12)
-    for fast, ref in zip(g_fast, g_ref, strict=True):
-        # atol: out.bias's gradient is zero up to rounding (the standardization removes it)
-        torch.testing.assert_close(fast, ref, rtol=1e-8, atol=1e-10)
-    assert all(float(g.abs().max()) > 0 for g in g_fast[:-1])
-
-
-def test_fused_dcem_solve_gradient_matches_finite_differences() -> None:
-    cfg = RegressionConfig(dcem_n_sample=12, dcem_n_elite=3)
+@pytest.mark.parametrize("method", regression.METHODS)
+def test_training_prediction_gradient_matches_finite_differences(method: str) -> None:
+    """The gradient of a batched training prediction w.r.t. every stacked parameter (DCEM
+    through dcem.dcem's iterations, GD through unroll_gd's steps: second derivatives of the
+    energy) against central differences, float64, with the same DCEM noise in every call."""
+    cfg = RegressionConfig(dcem_n_sample=12, dcem_n_elite=3, gd_lr=0.2)
     nets = _nets(2, 4, torch.float64)
-    x = torch.rand(2, 2, 1, dtype=torch.float64) * 6.0
-    net = [
-        p.detach().requires_grad_()
-        for p in regression._net_inputs(regression.stack_params(nets), x)
-    ]
-    make = _noise_maker((4, 12, 1), torch.float64)
-    solve = lambda *net: regression._DCEMThroughNet.apply(make(), cfg, 3, *net)  # noqa: E731
-    assert torch.autograd.gradcheck(solve, net, eps=1e-6, atol=1e-6, rtol=1e-4)
-
-
-def test_written_out_gd_matches_unroll_gd_with_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The training unroll written out (:class:`_GDThroughNet`) equals dcem.unroll_gd
-    differentiated twice by autograd: outputs and every parameter's gradient, float64. The
-    nets' pre-activations include values above softplus's threshold (20)."""
-    cfg = RegressionConfig(gd_lr=0.3)
-    nets = _nets(2, 8, torch.float64)
     with torch.no_grad():
         for net in nets:
-            net.out.weight *= 30.0  # steps that move y
-        nets[1].hidden[0].bias[:3] += 25.0  # identity region of softplus in layer 2
-    x = torch.rand(2, 3, 1, dtype=torch.float64) * 6.0
-    y_fast, g_fast = _solve_with_grads(nets, x, cfg, True, monkeypatch, "gd")
-    y_ref, g_ref = _solve_with_grads(nets, x, cfg, False, monkeypatch, "gd")
-    assert float(y_ref.abs().min()) > 0.05  # the steps moved y
-    torch.testing.assert_close(y_fast, y_ref, rtol=1e-10, atol=1e-12)
-    for fast, ref in zip(g_fast, g_ref, strict=True):
-        torch.testing.assert_close(fast, ref, rtol=1e-8, atol=1e-12)
-    n_params = len(list(nets[0].parameters()))  # the last, out.bias, has no effect on dE/dy
-    assert all(
-        float(g.abs().max()) > 0 for i, g in enumerate(g_fast) if i % n_params < n_params - 1
-    )
-
-
-def test_written_out_gd_gradient_matches_finite_differences() -> None:
-    cfg = RegressionConfig(gd_lr=0.2)
-    nets = _nets(2, 4, torch.float64)
+            net.out.weight *= 10.0  # GD steps that move y
     x = torch.rand(2, 2, 1, dtype=torch.float64) * 6.0
-    net = [
-        p.detach().requires_grad_()
-        for p in regression._net_inputs(regression.stack_params(nets), x)
-    ]
-    solve = lambda *net: regression._GDThroughNet.apply(cfg, 3, *net)  # noqa: E731
-    assert torch.autograd.gradcheck(solve, net[:-1] + [net[-1].detach()], eps=1e-6, atol=1e-6)
+    params = {k: v.detach().requires_grad_() for k, v in regression.stack_params(nets).items()}
+
+    def solve(*values: torch.Tensor) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(7)
+        return regression.predict_batch(
+            dict(zip(params, values, strict=True)), x, method, cfg, 3, gen
+        )
+
+    assert torch.autograd.gradcheck(solve, tuple(params.values()), eps=1e-6, atol=1e-6,
+                                    rtol=1e-4)  # fmt: skip
+    y_hat = solve(*params.values())
+    grads = torch.autograd.grad(
+        y_hat.sum(), list(params.values()), allow_unused=True, materialize_grads=True
+    )
+    moved = [k for k, g in zip(params, grads, strict=True) if float(g.abs().max()) > 0]
+    assert set(params) - set(moved) <= {"out.bias"}  # an energy offset never moves the argmin
 
 
-def test_fused_dcem_solve_hands_non_finite_energies_to_the_library(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """An energy that is +inf for y > 5 makes the fused node give way to dcem_step (which
-    ranks those samples last) with the same noise: both settings give the same numbers."""
-    forward, forward_np = regression._net_forward, regression._net_forward_np
+@pytest.mark.parametrize("compile", [True, False])
+def test_compile_reaches_every_dcem_solve(compile: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile`` is dcem.dcem's: every DCEM solve of training and evaluation gets it
+    (the library compiles an iteration and falls back to eager with one warning)."""
+    seen = []
 
-    def inf_above_5(y_sp, net):  # type: ignore[no-untyped-def]
-        e = forward(y_sp, net)
-        return e.masked_fill(y_sp.reshape(e.shape) > 5.0, math.inf)
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(kwargs["compile"])
+        return real(*args, **{**kwargs, "compile": False})
 
-    def inf_above_5_np(y, net, sigmoid):  # type: ignore[no-untyped-def]
-        e, acts = forward_np(y, net, sigmoid)
-        return np.where(y > 5.0, np.inf, e), acts
+    real = regression.dcem.dcem
+    monkeypatch.setattr(regression.dcem, "dcem", spy)
+    cfg = RegressionConfig(n_updates=10**6, eval_every=2, n_hidden=8, compile=compile)
+    job = regression._new_job(cfg, "dcem", (0, 1))
+    for _ in range(2):
+        regression._sample_step(job, regression._dataset(cfg), cfg)
+    assert seen == [compile] * 4  # two updates, then one evaluation per net
 
-    monkeypatch.setattr(regression, "_net_forward", inf_above_5)
-    monkeypatch.setattr(regression, "_net_forward_np", inf_above_5_np)
-    cfg = RegressionConfig(dcem_n_sample=30, dcem_n_elite=5)
-    nets = _nets(2, 8, torch.float64)
-    x = torch.rand(2, 3, 1, dtype=torch.float64) * 6.0
-    y_fast, g_fast = _solve_with_grads(nets, x, cfg, True, monkeypatch)
-    y_ref, g_ref = _solve_with_grads(nets, x, cfg, False, monkeypatch)
-    assert torch.isfinite(y_fast).all()
-    torch.testing.assert_close(y_fast, y_ref, rtol=0, atol=0)
-    for fast, ref in zip(g_fast, g_ref, strict=True):
-        torch.testing.assert_close(fast, ref, rtol=0, atol=0)
+
+def test_gd_is_never_compiled() -> None:
+    """Unrolled GD differentiates the energy twice, which torch.compile does not support;
+    dcem.unroll_gd has no compile option, and the results say so."""
+    assert regression.COMPILED_METHODS == ("dcem",)
+    assert "compile" not in inspect.signature(dcem_lib.unroll_gd).parameters
+
+
+@pytest.mark.slow
+def test_compiled_dcem_updates_match_eager_ones_to_rounding() -> None:
+    """Compiled DCEM iterations (about a minute to compile) give the eager updates to float
+    rounding."""
+    base = RegressionConfig(n_updates=10**6, eval_every=10**6, n_hidden=16)
+    data = regression._dataset(base)
+    compiled = regression._new_job(base, "dcem", (0, 1))
+    eager = regression._new_job(dataclasses.replace(base, compile=False), "dcem", (0, 1))
+    for _ in range(3):
+        regression._sample_step(compiled, data, base)
+        regression._sample_step(eager, data, dataclasses.replace(base, compile=False))
+    for a, b in zip(compiled.models, eager.models, strict=True):
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
 def test_dcem_evaluation_is_reproducible_and_uses_its_own_seed() -> None:
@@ -304,11 +251,11 @@ def test_dcem_evaluation_is_reproducible_and_uses_its_own_seed() -> None:
     net = EnergyNet(n_hidden=16)
     x = torch.linspace(0.0, 6.0, 5).unsqueeze(1)
     cfg = RegressionConfig()
-    first = regression._predict_eval(net, x, "dcem", cfg, 3)
+    first = regression.evaluate_batch([net], x, "dcem", cfg, 3)
     torch.rand(10)  # the global RNG must not matter
-    torch.testing.assert_close(regression._predict_eval(net, x, "dcem", cfg, 3), first)
+    torch.testing.assert_close(regression.evaluate_batch([net], x, "dcem", cfg, 3), first)
     other = RegressionConfig(eval_seed=cfg.eval_seed + 1)
-    assert not torch.equal(regression._predict_eval(net, x, "dcem", other, 3), first)
+    assert not torch.equal(regression.evaluate_batch([net], x, "dcem", other, 3), first)
 
 
 @pytest.mark.parametrize(
@@ -321,6 +268,7 @@ def test_dcem_evaluation_is_reproducible_and_uses_its_own_seed() -> None:
         ({"dcem_n_elite": 100}, "dcem_n_elite"),
         ({"gd_lr": math.nan}, "gd_lr"),
         ({"ablation_steps": ()}, "ablation_steps"),
+        ({"compile": 1}, "compile"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(kwargs: dict, name: str) -> None:
@@ -335,6 +283,7 @@ def test_default_config_is_the_paper_protocol() -> None:
     assert (cfg.n_inner_iter, cfg.gd_lr, cfg.dcem_n_sample, cfg.dcem_n_elite) == (10, 0.1, 100, 10)
     assert (cfg.dcem_tau, cfg.dcem_init_sigma, cfg.dcem_normalize) == (1.0, 7.0, True)
     assert cfg.seeds == (0, 1, 2) and cfg.ablation_steps == tuple(range(1, 21))
+    assert cfg.compile and not RegressionConfig.quick().compile  # compile amortizes on 60k
     assert regression.load_config  # config.json round-trips (checked in the run test)
 
 
@@ -372,6 +321,15 @@ def test_bad_option_values_exit_2_naming_the_option(
     line = _bad([*argv, "--out", str(out)], capsys)
     assert option in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "compile"),
+    [([], True), (["--no-compile"], False), (["--quick"], False), (["--quick", "--compile"], True)],
+)
+def test_compile_option(argv: list[str], compile: bool) -> None:
+    args = cli.build_parser().parse_args(["regression", *argv])
+    assert cli._regression_config(args).compile is compile
 
 
 def _occupied(folder: Path, record: dict) -> dict[str, tuple[bytes, int]]:
@@ -497,6 +455,7 @@ def _check_summary(summary: dict, cfg: RegressionConfig) -> None:
             assert list(table) == steps
             assert table["10"] == per_seed[seed]  # the training step count is the final MSE
         assert summary["wall_seconds"][method] > 0 and summary["ms_per_update"][method] > 0
+        assert summary["first_update_seconds"][method] > 0
     assert summary["wall_seconds"]["total"] == pytest.approx(
         sum(summary["wall_seconds"][m] for m in cfg.methods)
     )
@@ -530,6 +489,8 @@ def _check_job_files(out: Path, summary: dict, cfg: RegressionConfig) -> None:
                 i = list(data["steps"]).index(cfg.n_inner_iter)
                 mse = float(np.mean((preds[i] - target) ** 2))
                 assert mse == pytest.approx(summary["final_mse_per_seed"][method][str(seed)])
+            result = json.loads((out / "jobs" / f"{key}.json").read_text())
+            assert result["compiled"] is False  # --quick trains eagerly
             assert not list((out / "ckpt").glob("*.tmp")) and not list(out.glob(".*.tmp"))
 
 

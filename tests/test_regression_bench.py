@@ -20,14 +20,10 @@ def test_regression_benchmark_tiny_writes_json(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["benchmark"] == "regression" and result["tiny"] is True
     rows = {r["name"]: r for r in result["results"]}
-    assert set(rows) == {
-        "dcem_S1_fused_vs_autograd", "dcem_S1_keep_freed_memory", "dcem_S1_evaluation",
-        "dcem_S2_fused_vs_autograd", "dcem_S2_keep_freed_memory", "dcem_S2_evaluation",
-        "gd_S3_fused_vs_autograd", "gd_S3_keep_freed_memory", "gd_S3_evaluation",
-    }  # fmt: skip
+    assert set(rows) == {"dcem_S2_update", "dcem_S2_evaluation", "gd_S2_update", "gd_S2_evaluation"}
     for r in rows.values():
-        assert r["seconds"] > 0
-        if "baseline_seconds" in r:
-            assert r["baseline_seconds"] > 0
-            assert abs(r["ratio_to_baseline"] * r["baseline_seconds"] - r["seconds"]) < 1e-12
-    assert rows["dcem_S2_keep_freed_memory"]["faults_per_update"] >= 0
+        assert r["seconds"] > 0 and r["compiled_seconds"] > 0
+        assert r["speedup"] == r["cpu_seconds"] / r["compiled_cpu_seconds"]
+    assert rows["dcem_S2_update"]["compile_s"] > 0
+    # unrolled GD differentiates twice: torch.compile refuses it (the experiment runs it eagerly)
+    assert rows["gd_S2_update"]["compile_error"]

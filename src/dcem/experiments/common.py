@@ -24,7 +24,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import csv
-import ctypes
 import hashlib
 import io
 import json
@@ -67,7 +66,6 @@ __all__ = [
     "has_results",
     "job_done",
     "job_slot",
-    "keep_freed_memory",
     "load_checkpoint",
     "load_summary",
     "lock_file",
@@ -718,33 +716,6 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(progress_queue: Any, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers on Ctrl-C
     _WORKER.update(queue=progress_queue, parent=parent_pid)
-    keep_freed_memory()
-
-
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory in this process instead of returning it.
-
-    The training loops allocate and free tensors of 100 KB to a few MB thousands of times a
-    second. By default glibc returns such memory to the kernel (heap trimmed above 128 KB
-    free, large blocks mapped and unmapped) and each new tensor pays page faults: a
-    regression DCEM update of two seeds on one core took 14.2 ms with ~30 faults and
-    13.3 ms with none (``benchmarks/regression.py``); ``dcem.dcem`` at (B, d) = (1024, 32)
-    made ~105,000 faults per call and ~600 with this (``benchmarks/optim.py``). Called in
-    the worker processes of :func:`run_jobs`, which this package owns. Returns whether
-    glibc's ``mallopt`` was found (elsewhere this does nothing).
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-    mallopt(_M_TOP_PAD, 64 << 20)
-    mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest allowed threshold
-    return True
 
 
 def _worker_progress(key: str, units: int) -> None:

@@ -15,9 +15,12 @@ evaluated with ``1..20`` inner steps (the test-time ablation), and its predictio
 surface are saved.
 
 The seeds of a method train together in batches (``gd_seed_batch``, ``dcem_seed_batch``): their
-nets are stacked and evaluated with batched matrix products, which costs little more than one
-seed on a CPU core, while every seed keeps its own net, optimizer, schedule, random streams and
-results.
+nets' parameters are stacked along a first dimension and the inner optimizer solves one
+problem per seed in one call, which costs little more than one seed on a CPU core. Each seed
+keeps its own net, optimizer, schedule, data order and results; the DCEM noise of a batch
+comes from one generator. With ``compile`` (the default), every DCEM iteration runs compiled
+(:func:`dcem.dcem`'s ``compile=True``: ``torch.compile`` of one iteration, the energy net's
+forward and backward included).
 
 Run folder (``out``)::
 
@@ -41,19 +44,17 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 import dcem
-from dcem import optim
 from dcem.experiments import common
 from dcem.experiments.common import RunFolderError
 
@@ -64,9 +65,13 @@ __all__ = [
     "RegressionConfig",
     "RunFolderError",
     "check_out_folder",
+    "energies",
+    "evaluate_batch",
     "plot",
     "predict",
+    "predict_batch",
     "run",
+    "stack_params",
     "summarize",
 ]
 
@@ -76,13 +81,12 @@ EXPERIMENT = "regression"
 METHODS = ("gd", "dcem")
 LABELS = {"gd": "Unrolled GD", "dcem": "DCEM"}
 COLORS = {"gd": "#348ABD", "dcem": "#A60628"}
-# Milliseconds per update of a job of S seeds ~ fixed + per_seed * S, evaluations included,
-# to start the longest jobs first (one CPU core, session 5: GD 1.45 ms for one seed and 2.26
-# for three; DCEM 6.9 and 10.2 ms for one and two plus 1.4 ms of evaluation per seed).
-JOB_COST = {"gd": (1.05, 0.4), "dcem": (3.6, 4.7)}
 METRIC_FIELDS = ["update", "train_mse", "lr"]
-EVAL_ROWS = 2_000  # net evaluations (rows) per solve in evaluations (see `evaluate_batch`)
-CKPT_VERSION = 2  # 2: one checkpoint per batch of seeds
+CKPT_VERSION = 3  # 3: one DCEM noise generator per job
+COMPILED_METHODS = ("dcem",)
+"""Methods that ``compile`` compiles. Unrolled GD's training loss differentiates the energy
+twice (:func:`dcem.unroll_gd` with ``create_graph``), which ``torch.compile`` does not support
+("does not currently support double backward"): it always runs eagerly."""
 
 Progress = common.ProgressFn
 """Called as ``progress(job_key, updates_done)`` every ``eval_every`` updates of a job."""
@@ -142,20 +146,25 @@ class RegressionConfig:
     ablation_steps: tuple[int, ...] = tuple(range(1, 21))
     """Test-time inner step counts for the ablation (fig. 6 right, fig. 7)."""
     gd_seed_batch: int = 3
-    """Seeds of ``gd`` trained together as one batched model in one process (``baddbmm``
-    over their stacked weights). Each seed keeps its own net, optimizer, schedule and random
-    streams; its numbers agree with a run of it alone up to float rounding."""
+    """Seeds of ``gd`` trained together in one process, their nets stacked (see
+    :func:`stack_params`). Each seed keeps its own net, optimizer, schedule and data order;
+    its numbers agree with a run of it alone up to float rounding."""
     dcem_seed_batch: int = 2
-    """Seeds of ``dcem`` trained together (see ``gd_seed_batch``). A DCEM update costs about
-    three GD updates, so with two workers the batches dcem{0,1} | dcem{2} then gd{0,1,2}
-    finish at about the same time (one batch of three would leave a core idle for most of
-    the run)."""
+    """Seeds of ``dcem`` trained together (see ``gd_seed_batch``). The batch's DCEM noise
+    comes from one generator, so a DCEM seed's numbers depend on the batch it trains in."""
     eval_seed: int = 1234
     """Seed of the fresh generator used for every DCEM evaluation (train MSE and ablation)."""
     grid_size: int = 200
     """Points per axis of the saved energy surface on ``[0, 2 pi] x [-y_max, y_max]``."""
     y_max: float = 7.0
     """Half-height of the energy-surface window (fig. 2)."""
+    compile: bool = True
+    """Run DCEM's iterations compiled (``dcem.dcem(..., compile=True)``; see
+    :data:`COMPILED_METHODS`), in training and evaluations. Compiling takes tens of seconds
+    per worker process (the training iteration's in each job's ``first_update_seconds``, the
+    evaluation's at its first evaluation; less with torch's compile cache warm); a
+    compilation that fails warns once and runs eagerly. Each update agrees with the eager
+    one to float rounding; over hundreds of updates the trajectories drift apart."""
 
     def __post_init__(self) -> None:
         _check_choices("methods", self.methods, METHODS)
@@ -170,6 +179,8 @@ class RegressionConfig:
             _check_ints(name, (getattr(self, name),), low=1)
         _check_ints("plateau_patience", (self.plateau_patience,), low=0)
         _check_ints("eval_seed", (self.eval_seed,), low=0)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be a bool, got {self.compile!r}")
         if not 1 <= self.dcem_n_elite < self.dcem_n_sample:
             raise ValueError(
                 f"dcem_n_elite must be in [1, dcem_n_sample={self.dcem_n_sample}), "
@@ -184,9 +195,11 @@ class RegressionConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> RegressionConfig:
-        """A budget that exercises every step in seconds (not a reproduction)."""
+        """A budget that exercises every step in seconds (not a reproduction; eager, as a
+        compilation would take longer than the training)."""
         preset: dict[str, Any] = dict(
             seeds=(0, 1),
+            compile=False,
             n_updates=300,
             eval_every=50,
             checkpoint_every=150,
@@ -213,42 +226,128 @@ def _check_ints(name: str, values: Sequence[int], low: int) -> None:
 
 # --------------------------------------------------------------------------- model
 
+N_HIDDEN_LAYERS = 2  # Softplus layers after the first: hidden.0, hidden.1
+
+Params = Mapping[str, Tensor]
+"""Parameters of S energy nets by :class:`EnergyNet` name, each stacked along a new first
+dimension (``inp.weight``: ``(S, n_hidden, 2)``, ...), as :func:`stack_params` makes them."""
+
 
 class EnergyNet(nn.Module):
     """``E_theta(x, y)``: an MLP on ``(x, y)`` with three Softplus hidden layers, scalar out.
 
-    The first layer is ``Linear(2, n_hidden)`` on ``cat(x, y)``, evaluated as
-    ``b + x w_x + y w_y`` so that :meth:`energy_fn` can compute the ``x`` part once per
-    prediction (the inner optimizers evaluate many ``y`` for the same ``x``).
+    The parameters (``inp = Linear(2, n_hidden)`` on ``cat(x, y)``, two ``Linear(n_hidden,
+    n_hidden)`` in ``hidden``, ``out = Linear(n_hidden, 1)``) hold one net; the arithmetic is
+    :func:`energies`, which evaluates S stacked nets at once, called here with S = 1.
     """
 
     def __init__(self, n_hidden: int = 128) -> None:
         super().__init__()
         self.inp = nn.Linear(2, n_hidden)
-        self.hidden = nn.ModuleList([nn.Linear(n_hidden, n_hidden) for _ in range(2)])
+        self.hidden = nn.ModuleList([nn.Linear(n_hidden, n_hidden) for _ in range(N_HIDDEN_LAYERS)])
         self.out = nn.Linear(n_hidden, 1)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         """x, y: (..., 1), broadcastable -> energies (...)."""
-        return self._head(self._first(torch.addcmul(self.inp.bias, x, self.inp.weight[:, 0]), y))
+        x, y = torch.broadcast_tensors(x, y)
+        e = energies(stack_params([self]), x.reshape(1, -1, 1), y.reshape(1, -1, 1, 1))
+        return e.reshape(x.shape[:-1])
 
     def energy_fn(self, x: Tensor) -> Callable[[Tensor], Tensor]:
         """``y -> E(x, y)`` for fixed x: (B, 1); y: (B, 1) -> (B,) or (B, N, 1) -> (B, N)."""
-        x_part = torch.addcmul(self.inp.bias, x, self.inp.weight[:, 0])  # (B, n_hidden)
+        return batched_energy_fn(stack_params([self]), x.unsqueeze(0))
 
-        def energy(y: Tensor) -> Tensor:
-            return self._head(self._first(x_part if y.dim() == 2 else x_part.unsqueeze(1), y))
 
-        return energy
+def stack_params(models: Sequence[EnergyNet]) -> dict[str, Tensor]:
+    """The parameters of S equally sized nets by name, each stacked along a new first dim.
 
-    def _first(self, x_part: Tensor, y: Tensor) -> Tensor:
-        return F.softplus(torch.addcmul(x_part, y, self.inp.weight[:, 1]))
+    Differentiable: the gradient of a stacked tensor flows back to each net's own parameters
+    (so each seed keeps its own ``nn.Module`` and optimizer).
+    """
+    named = [dict(m.named_parameters()) for m in models]
+    return {name: torch.stack([n[name] for n in named]) for name in named[0]}
 
-    def _head(self, h: Tensor) -> Tensor:
-        for layer in self.hidden:
-            linear = cast(nn.Linear, layer)
-            h = F.softplus(F.linear(h, linear.weight, linear.bias))
-        return F.linear(h, self.out.weight, self.out.bias).squeeze(-1)
+
+def energies(params: Params, x: Tensor, y: Tensor) -> Tensor:
+    """Energies of S nets: x (S, P, 1) points and y (S, P, n, 1) candidates -> (S, P, n).
+
+    Net s sees only its own P points. The first layer is ``b + x w_x + y w_y`` (the x part
+    computed once per point); the others are batched matrix products over the S nets.
+    """
+    return _energies_at(params, _x_part(params, x), y)
+
+
+def _x_part(params: Params, x: Tensor) -> Tensor:
+    """The first layer's bias plus its x column for points x (S, P, 1): (S, P, n_hidden)."""
+    w = params["inp.weight"]
+    return torch.addcmul(params["inp.bias"].unsqueeze(1), x, w[:, :, 0].unsqueeze(1))
+
+
+def _energies_at(params: Params, x_part: Tensor, y: Tensor) -> Tensor:
+    n_nets, n_points, n = y.shape[:3]
+    w_y = params["inp.weight"][:, :, 1].reshape(n_nets, 1, 1, -1)
+    h = F.softplus(torch.addcmul(x_part.unsqueeze(2), y, w_y)).reshape(n_nets, n_points * n, -1)
+    for i in range(N_HIDDEN_LAYERS):
+        weight, bias = params[f"hidden.{i}.weight"], params[f"hidden.{i}.bias"]
+        h = F.softplus(torch.baddbmm(bias.unsqueeze(1), h, weight.mT))
+    # The 1-unit output layer as multiply-and-sum: a (.., H) x (H, 1) bmm and its backward
+    # cost several times more on a CPU core. out.weight: (S, 1, H), out.bias: (S, 1).
+    e = torch.linalg.vecdot(h, params["out.weight"]) + params["out.bias"]
+    return e.reshape(n_nets, n_points, n)
+
+
+def batched_energy_fn(params: Params, x: Tensor) -> Callable[[Tensor], Tensor]:
+    """``y -> E_s(x_sp, y)`` for S nets at once, for the inner optimizers.
+
+    x: (S, P, 1). The optimizers see the B = S * P problems in the order (net, point):
+    y: (B, 1) -> (B,) or (B, N, 1) -> (B, N).
+    """
+    x_part = _x_part(params, x)
+
+    def energy(y: Tensor) -> Tensor:
+        n = y.shape[1] if y.dim() == 3 else 1
+        return _energies_at(params, x_part, y.reshape(*x.shape[:2], n, 1)).reshape(y.shape[:-1])
+
+    return energy
+
+
+def predict_batch(
+    params: Params,
+    x: Tensor,
+    method: str,
+    cfg: RegressionConfig,
+    n_iter: int,
+    generator: torch.Generator | None = None,
+    *,
+    compile: bool = False,
+) -> Tensor:
+    """``argmin_y E_s(x_sp, y)`` for S nets (``params`` from :func:`stack_params`) by the
+    inner optimizer ``method`` with ``n_iter`` steps, one call for all S * P problems.
+
+    x: (S, P, 1) -> y_hat: (S, P, 1), differentiable w.r.t. ``params`` (unrolled GD's steps,
+    DCEM's iterations by autograd). ``generator``: DCEM's noise; ``compile``: DCEM's
+    iterations compiled (both unused by ``gd``).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    energy = batched_energy_fn(params, x)
+    y0 = x.new_zeros(x.shape[0] * x.shape[1], 1)
+    if method == "gd":
+        y_hat = dcem.unroll_gd(energy, y0, n_iter=n_iter, lr=cfg.gd_lr)
+    else:
+        y_hat = dcem.dcem(
+            energy,
+            y0,
+            cfg.dcem_init_sigma,
+            n_sample=cfg.dcem_n_sample,
+            n_elite=cfg.dcem_n_elite,
+            n_iter=n_iter,
+            tau=cfg.dcem_tau,
+            normalize=cfg.dcem_normalize,
+            generator=generator,
+            compile=compile,
+        )
+    return y_hat.reshape(x.shape)
 
 
 def predict(
@@ -259,26 +358,8 @@ def predict(
     n_iter: int,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """``argmin_y E(x, y)`` by the inner optimizer ``method`` with ``n_iter`` steps.
-
-    x: (B, 1) -> y_hat: (B, 1), differentiable w.r.t. the model's parameters.
-    """
-    energy = model.energy_fn(x)
-    if method == "gd":
-        return dcem.unroll_gd(energy, torch.zeros_like(x), n_iter=n_iter, lr=cfg.gd_lr)
-    if method == "dcem":
-        return dcem.dcem(
-            energy,
-            torch.zeros_like(x),
-            cfg.dcem_init_sigma,
-            n_sample=cfg.dcem_n_sample,
-            n_elite=cfg.dcem_n_elite,
-            n_iter=n_iter,
-            tau=cfg.dcem_tau,
-            normalize=cfg.dcem_normalize,
-            generator=generator,
-        )
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    """:func:`predict_batch` for one net: x (B, 1) -> y_hat (B, 1)."""
+    return predict_batch(stack_params([model]), x.unsqueeze(0), method, cfg, n_iter, generator)[0]
 
 
 def _dataset(cfg: RegressionConfig) -> tuple[Tensor, Tensor]:
@@ -287,443 +368,25 @@ def _dataset(cfg: RegressionConfig) -> tuple[Tensor, Tensor]:
     return x, x * torch.sin(x)
 
 
-def _predict_eval(
-    model: EnergyNet, x: Tensor, method: str, cfg: RegressionConfig, n_iter: int
-) -> Tensor:
-    """Predictions of one net without a parameter graph: x (P, 1) -> (P, 1); see
-    :func:`evaluate_batch` (DCEM's noise comes from a fresh ``eval_seed`` generator)."""
-    return evaluate_batch([model], x, method, cfg, n_iter)[0]
-
-
-# --------------------------------------------------------------------------- seeds as one batch
-
-
-def stack_params(models: Sequence[EnergyNet]) -> list[Tensor]:
-    """The parameters of S equally sized nets, each stacked along a new first dim (S, ...).
-
-    Differentiable: the gradient of a stacked tensor flows back to each net's own parameters.
-    """
-    return [torch.stack(group) for group in zip(*(m.parameters() for m in models), strict=True)]
-
-
-def _net_inputs(params: Sequence[Tensor], x: Tensor) -> tuple[Tensor, ...]:
-    """The stacked nets' parameters as :func:`_net_forward` takes them, for points x (S, P, 1):
-    ``(x_part (S, P, H), w_y (S, 1, 1, H), w_1, b_1, w_2, b_2, w_out, b_out)``, where
-    ``x_part`` is the first layer's bias plus its x part and ``w_y`` its y column."""
-    w_in, b_in, *rest = params
-    x_part = torch.addcmul(b_in.unsqueeze(1), x, w_in[:, :, 0].unsqueeze(1))
-    return (x_part, w_in[:, :, 1].reshape(x.shape[0], 1, 1, -1), *rest)
-
-
-def _net_forward(y_sp: Tensor, net: Sequence[Tensor]) -> Tensor:
-    """Energies E (S, P * n) of S nets (``net`` from :func:`_net_inputs`) at candidates
-    y_sp (S, P, n, 1), differentiable by autograd."""
-    x_part, w_y, w_1, b_1, w_2, b_2, w_out, b_out = net
-    n_nets, n_points, n = y_sp.shape[:3]
-    a_1 = torch.addcmul(x_part.unsqueeze(2), y_sp, w_y).reshape(n_nets, n_points * n, -1)
-    h_1 = F.softplus(a_1)
-    a_2 = torch.baddbmm(b_1.unsqueeze(1), h_1, w_1.transpose(1, 2))
-    h_2 = F.softplus(a_2)
-    a_3 = torch.baddbmm(b_2.unsqueeze(1), h_2, w_2.transpose(1, 2))
-    h_3 = F.softplus(a_3)
-    # The 1-unit output layer as multiply-and-sum: a (.., H) x (H, 1) bmm and its backward
-    # cost several times more on a CPU core. w_out: (S, 1, H), b_out: (S, 1).
-    return torch.linalg.vecdot(h_3, w_out) + b_out
-
-
-def _softplus_np(a: np.ndarray, sigmoid: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """``F.softplus(a)`` (beta 1, threshold 20) in NumPy and, when ``sigmoid``, its derivative
-    ``exp(a) / (1 + exp(a))`` as ``torch.ops.aten.softplus_backward`` computes it (1 above
-    the threshold). NumPy's exp and log1p took 0.6-0.7x the time of torch's softplus kernel
-    on a CPU core here for (2, 100..1000, 128) arrays."""
-    with np.errstate(over="ignore", invalid="ignore"):  # exp(a) = inf above ~88: masked
-        z = np.exp(a)
-        h = np.log1p(z)
-        s = None
-        if sigmoid:
-            s = z + 1
-            np.divide(z, s, out=s)
-    if a.max(initial=-np.inf) > 20:
-        big = a > 20
-        np.copyto(h, a, where=big)
-        if s is not None:
-            np.copyto(s, 1, where=big)
-    return h, s
-
-
-class _NetArrays:
-    """The stacked nets (from :func:`_net_inputs`) as NumPy arrays shaped for
-    :func:`_net_forward_np` and :func:`_net_backward_np` (views of the tensors' memory)."""
-
-    def __init__(self, net: Sequence[Tensor]) -> None:
-        x_part, w_y, w_1, b_1, w_2, b_2, w_out, b_out = (t.detach().numpy() for t in net)
-        n_nets, self.n_points, n_hidden = x_part.shape
-        self.x_part, self.w_1, self.w_2, self.b_out = x_part, w_1, w_2, b_out
-        self.w_y, self.w_out = w_y.reshape(n_nets, 1, n_hidden), w_out
-        self.b_1, self.b_2 = b_1[:, None], b_2[:, None]
-        self.w_1t, self.w_2t = w_1.transpose(0, 2, 1), w_2.transpose(0, 2, 1)
-
-
-def _net_forward_np(
-    y: np.ndarray, net: _NetArrays, sigmoid: bool
-) -> tuple[np.ndarray, tuple[np.ndarray | None, ...]]:
-    """:func:`_net_forward` in NumPy: candidates y (S, P * n) -> (E (S, P * n), (s_1, h_1,
-    s_2, h_2, s_3, h_3)) with the activations ``h_l = softplus(a_l)`` and, for
-    :func:`_net_backward_np` (when ``sigmoid``), their derivatives ``s_l = softplus'(a_l)``,
-    each (S, P * n, H)."""
-    n_nets, rows = y.shape
-    a_1 = net.x_part[:, :, None, :] + y.reshape(n_nets, net.n_points, -1, 1) * net.w_y[:, None]
-    a_1 = a_1.reshape(n_nets, rows, -1)
-    h_1, s_1 = _softplus_np(a_1, sigmoid)
-    a_2 = np.matmul(h_1, net.w_1t)
-    a_2 += net.b_1
-    h_2, s_2 = _softplus_np(a_2, sigmoid)
-    a_3 = np.matmul(h_2, net.w_2t)
-    a_3 += net.b_2
-    h_3, s_3 = _softplus_np(a_3, sigmoid)
-    e = np.matmul(h_3, net.w_out.transpose(0, 2, 1))[..., 0]
-    e += net.b_out
-    return e, (s_1, h_1, s_2, h_2, s_3, h_3)
-
-
-def _net_backward_np(
-    g_e: np.ndarray, y: np.ndarray, acts: Sequence[np.ndarray], net: _NetArrays,
-    grads: Sequence[np.ndarray], need_y: bool,
-) -> np.ndarray | None:  # fmt: skip
-    """The vector-Jacobian product of :func:`_net_forward_np` with g_e (S, P * n).
-
-    Adds the parameter gradients to ``grads`` (shaped like :func:`_net_inputs`' tensors) and
-    returns the candidates' gradient (like y) when ``need_y``: ``g_a3 = s_3 g_e w_out``,
-    ``g_a2 = s_2 (g_a3 W_2)``, ``g_a1 = s_1 (g_a2 W_1)``; ``g_W_l += g_a^T h``, ``g_b_l +=
-    sum g_a``, ``g_y = g_a1 . w_y``, with the saved derivatives ``s_l = softplus'(a_l)``.
-    """
-    s_1, h_1, s_2, h_2, s_3, h_3 = acts
-    g_xp, g_wy, g_w1, g_b1, g_w2, g_b2, g_wo, g_bo = grads
-    n_nets, rows = y.shape
-    g_wo += np.matmul(g_e[:, None], h_3)
-    g_bo += g_e.sum(1, keepdims=True)
-    g_a = g_e[..., None] * net.w_out
-    g_a *= s_3
-    g_w2 += np.matmul(g_a.transpose(0, 2, 1), h_2)
-    g_b2 += g_a.sum(1)
-    g_a = np.matmul(g_a, net.w_2)
-    g_a *= s_2
-    g_w1 += np.matmul(g_a.transpose(0, 2, 1), h_1)
-    g_b1 += g_a.sum(1)
-    g_a = np.matmul(g_a, net.w_1)
-    g_a *= s_1
-    g_xp += g_a.reshape(n_nets, net.n_points, -1, g_a.shape[-1]).sum(2)
-    g_wy += np.matmul(y[:, None], g_a).reshape(g_wy.shape)
-    if not need_y:
-        return None
-    return np.matmul(g_a, net.w_y.transpose(0, 2, 1))[..., 0]
-
-
-def batched_energy_fn(params: Sequence[Tensor], x: Tensor) -> Callable[[Tensor], Tensor]:
-    """``y -> E_s(x_sp, y)`` for S nets at once, ``params`` from :func:`stack_params`.
-
-    x: (S, P, 1), P points for each net. The inner optimizers see the B = S * P problems
-    in the order (net, point): y: (B, 1) -> (B,) or (B, N, 1) -> (B, N). Each net sees only
-    its own points, through batched matrix products (``baddbmm``) over the S nets.
-    """
-    net = _net_inputs(params, x)
-
-    def energy(y: Tensor) -> Tensor:
-        n = y.shape[1] if y.dim() == 3 else 1
-        return _net_forward(y.reshape(*x.shape[:2], n, 1), net).reshape(y.shape[:-1])
-
-    return energy
-
-
-class _NonFinite(Exception):
-    """Raised by :class:`_DCEMThroughNet` when an energy is not finite (the general path
-    takes over, with the noise drawn so far in ``draws``)."""
-
-    def __init__(self, draws: list[Tensor]) -> None:
-        super().__init__("non-finite energy")
-        self.draws = draws
-
-
-def _dcem_solve_np(
-    noise: Callable[[], Tensor], cfg: RegressionConfig, n_iter: int, arrays: _NetArrays,
-    record: bool,
-) -> tuple[np.ndarray, list[tuple]]:  # fmt: skip
-    """DCEM's iterations on the nets in NumPy (:func:`dcem.dcem_step`'s arithmetic with the
-    library's NumPy refit): returns the final mean (S * P, 1) and, when ``record``, what the
-    backward of :class:`_DCEMThroughNet` needs of every iteration. Raises :class:`_NonFinite`
-    (with the noise drawn so far) at the first non-finite energy."""
-    n_nets, n_points = arrays.x_part.shape[:2]
-    mu = np.zeros((n_nets * n_points, 1), arrays.x_part.dtype)
-    sigma = np.full_like(mu, cfg.dcem_init_sigma)
-    steps, draws = [], []
-    for _ in range(n_iter):
-        eps = noise()
-        draws.append(eps)
-        x = mu[:, None] + sigma[:, None] * eps.numpy()
-        y = x.reshape(n_nets, -1)
-        e, acts = _net_forward_np(y, arrays, sigmoid=record)
-        if not (math.isfinite(e.sum()) or np.isfinite(e).all()):
-            raise _NonFinite(draws)
-        new_mu, new_sigma, _, refit = optim._soft_refit_numpy(
-            torch.from_numpy(e.reshape(n_nets * n_points, -1)), torch.from_numpy(x),
-            cfg.dcem_n_elite, cfg.dcem_tau, cfg.dcem_normalize,
-        )  # fmt: skip
-        mu, sigma = new_mu.numpy(), new_sigma.numpy()
-        if record:
-            steps.append((eps.numpy(), y, acts, refit))
-    return mu, steps
-
-
-class _DCEMThroughNet(torch.autograd.Function):
-    """DCEM's solve through the energy nets (training, :func:`predict_batch`) as one node.
-
-    The same iterations as :func:`dcem.dcem_step` in the forward (samples, energies,
-    standardized soft top-k, weighted refit; same operations, same noise, small CPU
-    problems); the backward walks the iterations in reverse with the refit's written-out
-    VJP (the library's NumPy form) and :func:`_net_backward_np`: ``g_x = g_x(refit) +
-    g_y(E)``, ``g_mu = sum_n g_x``, ``g_sigma = sum_n g_x eps``. No autograd graph is built
-    and the nets run in NumPy (about a microsecond per operation against several for torch's
-    on these (S, 100, 128) arrays; ``benchmarks/regression.py`` times both paths). First
-    derivatives only.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, noise: Callable[[], Tensor], cfg: RegressionConfig, n_iter: int, *net: Tensor
-    ) -> Tensor:
-        ctx.arrays = _NetArrays(net)
-        mu, ctx.steps = _dcem_solve_np(noise, cfg, n_iter, ctx.arrays, record=True)
-        ctx.cfg = cfg
-        ctx.save_for_backward(*net)  # keeps the arrays' memory alive
-        return torch.from_numpy(mu)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g_mu: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        net, cfg, arrays = ctx.saved_tensors, ctx.cfg, ctx.arrays
-        grads = [np.zeros(p.shape, arrays.x_part.dtype) for p in net]
-        g_sigma = torch.zeros_like(g_mu)
-        for t in reversed(range(len(ctx.steps))):
-            eps, y, acts, refit = ctx.steps[t]
-            g_v, g_x = optim._soft_refit_backward_numpy(
-                refit, cfg.dcem_n_elite, cfg.dcem_tau, cfg.dcem_normalize, g_mu, g_sigma
-            )
-            g_y = _net_backward_np(g_v.numpy().reshape(y.shape), y, acts, arrays, grads, t > 0)
-            if g_y is not None:  # mu_0 and sigma_0 are constants
-                g_xn = g_x.numpy() + g_y.reshape(g_x.shape)
-                g_mu = torch.from_numpy(g_xn.sum(1))
-                g_sigma = torch.from_numpy((g_xn * eps).sum(1))
-        need = ctx.needs_input_grad[3:]
-        return (
-            None, None, None,
-            *(torch.from_numpy(g) if n else None for g, n in zip(grads, need, strict=True)),
-        )  # fmt: skip
-
-
-def _numpy_ok(x: Tensor) -> bool:
-    """Whether a solve for x (S, P, 1) may leave torch for NumPy: a float CPU tensor outside
-    torch.func transforms (which the written-out nodes do not support)."""
-    return (
-        x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-        and not torch._C._are_functorch_transforms_active()
-    )  # fmt: skip
-
-
-def _fast_dcem_ok(x: Tensor, cfg: RegressionConfig) -> bool:
-    """Whether DCEM's solve for x (S, P, 1) may run in NumPy (:func:`_dcem_solve_np`, with
-    :class:`_DCEMThroughNet` for gradients): small problems (the NumPy refit's size)."""
-    return _numpy_ok(x) and x.shape[0] * x.shape[1] * cfg.dcem_n_sample <= optim._SMALL_REFIT
-
-
-def _softplus_parts(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(softplus(a), softplus'(a), softplus''(a))`` as :func:`F.softplus` and autograd
-    compute them (beta 1, threshold 20: the identity above 20, so 1 and 0 there)."""
-    h, s = _softplus_np(a, sigmoid=True)
-    assert s is not None
-    return h, s, s * (1 - s)
-
-
-class _GDThroughNet(torch.autograd.Function):
-    """Unrolled GD through the energy nets (training, :func:`predict_batch`) as one node.
-
-    (Its forward writes out the layers rather than calling :func:`_net_forward_np`: it needs
-    softplus'' and not the energies, which that function would compute on this hot path.)
-
-    The same steps as :func:`dcem.unroll_gd` on :func:`batched_energy_fn` from ``y = 0``:
-    ``y <- y - lr dE/dy``, with ``dE/dy`` by the chain rule through the three Softplus
-    layers (``d_3 = w_out s_3``, ``d_2 = (d_3 W_2) s_2``, ``d_1 = (d_2 W_1) s_1``, ``dE/dy =
-    <d_1, w_y>``, ``s_l = softplus'(a_l)``). The backward is the reverse pass through that
-    computation (second derivatives ``softplus''`` enter through the ``s_l``) in NumPy; the
-    weight gradients of every step are collected and summed by one matrix product per layer.
-    Autograd's double-backward graph of the same computation spent most of a training update
-    on per-step rank-1 weight-gradient products and their accumulation. First derivatives
-    only; ``w_out``'s bias has no effect on ``dE/dy`` and gets no gradient (as in autograd).
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, cfg: RegressionConfig, n_iter: int, *net: Tensor
-    ) -> Tensor:
-        x_part, w_y, w_1, b_1, w_2, b_2, w_out, _ = (t.detach().numpy() for t in net)
-        n_nets, n_points, n_hidden = x_part.shape
-        w_y, w_out = w_y.reshape(n_nets, 1, n_hidden), w_out.reshape(n_nets, 1, n_hidden)
-        w_1t, w_2t = w_1.transpose(0, 2, 1), w_2.transpose(0, 2, 1)
-        lr = x_part.dtype.type(cfg.gd_lr)
-        y = np.zeros((n_nets, n_points), x_part.dtype)
-        steps = []
-        for _ in range(n_iter):
-            h_1, s_1, q_1 = _softplus_parts(x_part + y[..., None] * w_y)
-            h_2, s_2, q_2 = _softplus_parts(np.matmul(h_1, w_1t) + b_1[:, None])
-            _, s_3, q_3 = _softplus_parts(np.matmul(h_2, w_2t) + b_2[:, None])
-            d_3 = w_out * s_3
-            e_2 = np.matmul(d_3, w_2)
-            d_2 = e_2 * s_2
-            e_1 = np.matmul(d_2, w_1)
-            d_1 = e_1 * s_1
-            steps.append((y, h_1, h_2, s_1, s_2, s_3, q_1, q_2, q_3, d_1, d_2, d_3, e_1, e_2))
-            y = y - lr * (d_1 * w_y).sum(-1)
-        ctx.steps, ctx.lr = steps, lr
-        ctx.arrays = (w_y, w_1, w_1t, w_2, w_2t, w_out)
-        return torch.from_numpy(y)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, g_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        w_y, w_1, w_1t, w_2, w_2t, w_out = ctx.arrays
-        g_y = g_out.detach().numpy().astype(w_y.dtype)  # adjoint of the current y
-        g_xp = np.zeros_like(ctx.steps[0][1])
-        g_wy, g_wo = np.zeros_like(w_y), np.zeros_like(w_out)
-        g_b1, g_b2 = np.zeros_like(w_y[:, 0]), np.zeros_like(w_y[:, 0])
-        rows_1: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])  # g_W1 = sum L^T R
-        rows_2: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
-        for y, h_1, h_2, s_1, s_2, s_3, q_1, q_2, q_3, d_1, d_2, d_3, e_1, e_2 in reversed(
-            ctx.steps
-        ):
-            g_g = (-ctx.lr * g_y)[..., None]  # adjoint of dE/dy, broadcast over units
-            g_d1 = g_g * w_y
-            g_wy += (g_g * d_1).sum(1, keepdims=True)
-            g_e1, g_s1 = g_d1 * s_1, g_d1 * e_1
-            g_d2 = np.matmul(g_e1, w_1t)
-            g_e2, g_s2 = g_d2 * s_2, g_d2 * e_2
-            g_d3 = np.matmul(g_e2, w_2t)
-            g_wo += (g_d3 * s_3).sum(1, keepdims=True)
-            g_a3 = g_d3 * w_out * q_3
-            g_b2 += g_a3.sum(1)
-            g_a2 = g_s2 * q_2 + np.matmul(g_a3, w_2) * s_2
-            g_b1 += g_a2.sum(1)
-            g_a1 = g_s1 * q_1 + np.matmul(g_a2, w_1) * s_1
-            g_xp += g_a1
-            g_wy += (g_a1 * y[..., None]).sum(1, keepdims=True)
-            g_y = g_y + (g_a1 * w_y).sum(-1)
-            rows_1[0].extend((d_2, g_a2))
-            rows_1[1].extend((g_e1, h_1))
-            rows_2[0].extend((d_3, g_a3))
-            rows_2[1].extend((g_e2, h_2))
-        g_w1, g_w2 = (
-            np.matmul(np.concatenate(left, 1).transpose(0, 2, 1), np.concatenate(right, 1))
-            for left, right in (rows_1, rows_2)
-        )
-        grads = (g_xp, g_wy[:, :, None], g_w1, g_b1, g_w2, g_b2, g_wo)
-        need = ctx.needs_input_grad[2:]
-        return (
-            None, None,
-            *(torch.from_numpy(g) if n else None for g, n in zip(grads, need, strict=False)),
-            None,
-        )  # fmt: skip
-
-
-def _fast_gd_ok(x: Tensor) -> bool:
-    """Whether :class:`_GDThroughNet` may solve a training prediction for x (S, P, 1)
-    (without gradients, :func:`dcem.unroll_gd` builds no graph and is cheap)."""
-    return torch.is_grad_enabled() and _numpy_ok(x)
-
-
-def predict_batch(
-    params: Sequence[Tensor],
-    x: Tensor,
-    method: str,
-    cfg: RegressionConfig,
-    n_iter: int,
-    noise: Callable[[], Tensor],
-) -> Tensor:
-    """``argmin_y E_s(x_sp, y)`` for S nets (``params`` from :func:`stack_params`).
-
-    x: (S, P, 1) -> y_hat: (S, P, 1), differentiable w.r.t. ``params``. ``noise()`` returns
-    the ``(S * P, dcem_n_sample, 1)`` standard normal draws of one DCEM iteration (so each
-    net can draw from its own generator); unused by ``gd``. One DCEM iteration is
-    :func:`dcem.dcem_step`, the step :func:`dcem.dcem` loops over; small CPU problems with
-    gradients take :class:`_DCEMThroughNet` (:class:`_GDThroughNet` for ``gd``), the same
-    arithmetic without an autograd graph.
-    """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "gd" and _fast_gd_ok(x):
-        y = _GDThroughNet.apply(cfg, n_iter, *_net_inputs(params, x))
-        return cast(Tensor, y).reshape(x.shape)
-    if method == "dcem" and _fast_dcem_ok(x, cfg):
-        try:
-            net = _net_inputs(params, x)
-            if torch.is_grad_enabled():
-                mu = _DCEMThroughNet.apply(noise, cfg, n_iter, *net)
-            else:  # evaluations
-                mu = torch.from_numpy(_dcem_solve_np(noise, cfg, n_iter, _NetArrays(net), False)[0])
-            return cast(Tensor, mu).reshape(x.shape)
-        except _NonFinite as stop:  # the general path ranks non-finite energies last
-            noise = functools.partial(_replay_then_draw, list(stop.draws), noise)
-    energy = batched_energy_fn(params, x)
-    y0 = x.new_zeros(x.shape[0] * x.shape[1], 1)
-    if method == "gd":
-        return dcem.unroll_gd(energy, y0, n_iter=n_iter, lr=cfg.gd_lr).reshape(x.shape)
-    mu, sigma = y0, torch.full_like(y0, cfg.dcem_init_sigma)
-    for _ in range(n_iter):
-        mu, sigma, *_ = dcem.dcem_step(
-            energy, mu, sigma, noise(),
-            n_elite=cfg.dcem_n_elite, tau=cfg.dcem_tau, normalize=cfg.dcem_normalize,
-        )  # fmt: skip
-    return mu.reshape(x.shape)
-
-
-def _replay_then_draw(replay: list[Tensor], noise: Callable[[], Tensor]) -> Tensor:
-    """The replayed draws in order, then fresh ones from ``noise``."""
-    return replay.pop(0) if replay else noise()
-
-
 def evaluate_batch(
-    models: Sequence[EnergyNet],
-    x: Tensor,
-    method: str,
-    cfg: RegressionConfig,
-    n_iter: int,
-    chunk: int | None = None,
+    models: Sequence[EnergyNet], x: Tensor, method: str, cfg: RegressionConfig, n_iter: int
 ) -> Tensor:
     """Predictions of S nets on the same points without a parameter graph: x (P, 1) ->
-    (S, P, 1). Every net's DCEM noise comes from its own fresh ``eval_seed`` generator (the
-    same draws for each net), so an evaluation depends on the net only.
+    (S, P, 1).
 
-    The points are solved ``chunk`` at a time (the problems are independent), which keeps
-    the ``(S, chunk * n_sample, n_hidden)`` activations in cache; the noise of every
-    iteration is drawn first, in the order of an unchunked solve. The default chunk makes
-    about ``EVAL_ROWS`` rows per solve: on a CPU core an evaluation of two DCEM nets took
-    0.39 s with 1 point per solve, 0.31 s with 5, 0.29 s with 10 or 20 and 0.30 s with 40.
+    Each net is solved on its own, all points in one call, its DCEM noise drawn from a fresh
+    generator seeded with ``eval_seed``: the same draws for every net, so an evaluation
+    depends on the net only.
     """
-    n_nets, n_points = len(models), x.shape[0]
-    if chunk is None:
-        rows_per_point = n_nets * (cfg.dcem_n_sample if method == "dcem" else 1)
-        chunk = max(1, EVAL_ROWS // rows_per_point)
-    gen = torch.Generator().manual_seed(cfg.eval_seed)
-    shape = (n_points, cfg.dcem_n_sample, 1)
-    draws = [torch.randn(shape, generator=gen) for _ in range(n_iter)] if method == "dcem" else []
     preds = []
     with torch.no_grad():  # unroll_gd still differentiates E w.r.t. y, without create_graph
-        params = stack_params(models)
-        for start in range(0, n_points, chunk):
-            part = slice(start, start + chunk)
-            noise = (d[part].repeat(n_nets, 1, 1) for d in draws)
-            xs = x[part].expand(n_nets, -1, 1)
+        for model in models:
+            gen = torch.Generator(device=x.device).manual_seed(cfg.eval_seed)
+            params, points = stack_params([model]), x.unsqueeze(0)
             preds.append(
-                predict_batch(params, xs, method, cfg, n_iter, functools.partial(next, noise))
+                predict_batch(params, points, method, cfg, n_iter, gen, compile=cfg.compile)[0]
             )
-    return torch.cat(preds, dim=1)
+    return torch.stack(preds)
 
 
 def _mse(preds: Tensor, y: Tensor) -> list[float]:
@@ -738,8 +401,8 @@ def _mse(preds: Tensor, y: Tensor) -> list[float]:
 class _Job:
     """The mutable training state of one job: a method and a batch of seeds trained together.
 
-    Each seed keeps its own net, Adam state, LR schedule, data-order and DCEM-noise
-    generators and metric rows; only the arithmetic is batched.
+    Each seed keeps its own net, Adam state, LR schedule, data-order generator and metric
+    rows; the batch shares the arithmetic and the DCEM noise generator.
     """
 
     method: str
@@ -748,7 +411,9 @@ class _Job:
     opts: list[torch.optim.Adam]
     scheds: list[torch.optim.lr_scheduler.ReduceLROnPlateau]
     index_gens: list[torch.Generator]
-    sample_gens: list[torch.Generator]
+    sample_gen: torch.Generator
+    first_update_seconds: float | None = None
+    """The first update of this process (a compilation's time included)."""
     update: int = 0
     seconds: float = 0.0
     resumed_from: int = 0
@@ -777,7 +442,10 @@ def seed_batches(cfg: RegressionConfig, method: str) -> list[tuple[int, ...]]:
 
 
 def _new_job(cfg: RegressionConfig, method: str, seeds: tuple[int, ...]) -> _Job:
-    job = _Job(method, seeds, [], [], [], [], [])
+    """Seed s: net init from ``seed_everything(s)``, data order from ``SeedSequence(s)``; the
+    batch's DCEM noise from ``SeedSequence(seeds)`` (for one seed, ``SeedSequence(s)``)."""
+    sample_seed = np.random.SeedSequence(list(seeds)).generate_state(2)[1]
+    job = _Job(method, seeds, [], [], [], [], torch.Generator().manual_seed(int(sample_seed)))
     for seed in seeds:
         common.seed_everything(seed)
         model = EnergyNet(cfg.n_hidden)
@@ -785,12 +453,11 @@ def _new_job(cfg: RegressionConfig, method: str, seeds: tuple[int, ...]) -> _Job
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="min", patience=cfg.plateau_patience, factor=cfg.plateau_factor
         )
-        index_seed, sample_seed = np.random.SeedSequence(seed).generate_state(2)
         job.models.append(model)
         job.opts.append(opt)
         job.scheds.append(sched)
+        index_seed = np.random.SeedSequence(seed).generate_state(2)[0]
         job.index_gens.append(torch.Generator().manual_seed(int(index_seed)))
-        job.sample_gens.append(torch.Generator().manual_seed(int(sample_seed)))
         job.rows[seed] = []
     return job
 
@@ -801,13 +468,12 @@ def _job_state(job: _Job) -> dict[str, Any]:
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
-            "rng": {"index": index_gen.get_state(), "sample": sample_gen.get_state()},
+            "rng": {"index": index_gen.get_state()},
         }
-        for seed, model, opt, sched, index_gen, sample_gen in zip(
-            job.seeds, job.models, job.opts, job.scheds, job.index_gens, job.sample_gens,
-            strict=True,
+        for seed, model, opt, sched, index_gen in zip(
+            job.seeds, job.models, job.opts, job.scheds, job.index_gens, strict=True
         )
-    }  # fmt: skip
+    }
     return {
         "version": CKPT_VERSION,
         "method": job.method,
@@ -815,6 +481,7 @@ def _job_state(job: _Job) -> dict[str, Any]:
         "update": job.update,
         "seconds": job.seconds,
         "torch_rng": torch.get_rng_state(),
+        "sample_rng": job.sample_gen.get_state(),
         "per_seed": per_seed,
     }
 
@@ -832,7 +499,7 @@ def _restore(job: _Job, state: dict[str, Any], path: Path) -> None:
         job.opts[i].load_state_dict(saved["optimizer"])
         job.scheds[i].load_state_dict(saved["scheduler"])
         job.index_gens[i].set_state(saved["rng"]["index"])
-        job.sample_gens[i].set_state(saved["rng"]["sample"])
+    job.sample_gen.set_state(state["sample_rng"])
     torch.set_rng_state(state["torch_rng"])
     job.update, job.seconds = int(state["update"]), float(state["seconds"])
     job.resumed_from = job.update
@@ -854,15 +521,12 @@ def _sample_step(job: _Job, data: tuple[Tensor, Tensor], cfg: RegressionConfig) 
     x, y = data
     index = torch.stack([torch.randint(cfg.n_points, (), generator=g) for g in job.index_gens])
     x_j, y_j = x[index].unsqueeze(1), y[index].unsqueeze(1)  # (S, 1, 1) each
-    shape = (1, cfg.dcem_n_sample, 1)
-
-    def noise() -> Tensor:  # each seed's DCEM noise from its own generator
-        return torch.cat([torch.randn(shape, generator=g) for g in job.sample_gens])
-
     for _ in range(min(cfg.n_inner_update, cfg.n_updates - job.update)):
+        start = time.perf_counter()
         y_hat = predict_batch(
-            stack_params(job.models), x_j, job.method, cfg, cfg.n_inner_iter, noise
-        )
+            stack_params(job.models), x_j, job.method, cfg, cfg.n_inner_iter, job.sample_gen,
+            compile=cfg.compile,
+        )  # fmt: skip
         # The seeds share no parameter: the gradient of the sum is each seed's own gradient
         # of its squared error (the reference's MSE on one point).
         loss = (y_hat - y_j).square().sum()
@@ -872,6 +536,8 @@ def _sample_step(job: _Job, data: tuple[Tensor, Tensor], cfg: RegressionConfig) 
         for model, opt in zip(job.models, job.opts, strict=True):
             nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
             opt.step()
+        if job.first_update_seconds is None:
+            job.first_update_seconds = time.perf_counter() - start
         job.update += 1
         if job.update % cfg.eval_every == 0:
             _evaluate(job, data, cfg)
@@ -959,6 +625,8 @@ def _final_outputs(job: _Job, cfg: RegressionConfig, out: Path) -> list[dict[str
             "ms_per_update": 1e3 * seconds / max(job.update, 1),
             "seed_batch": list(job.seeds),
             "resumed_from": job.resumed_from,
+            "compiled": cfg.compile and job.method in COMPILED_METHODS,
+            "first_update_seconds": job.first_update_seconds,
         })  # fmt: skip
     return results
 
@@ -1025,7 +693,7 @@ def run(
         if resumed:
             started = sum((out / "ckpt" / f"{batch_key(*job)}.pt").exists() for job in pending)
             common.log_resumed(log, out, len(jobs) - len(pending), len(jobs), started, "jobs")
-        pending.sort(key=lambda job: -_job_cost(*job))  # longest first: better packing
+        pending.sort(key=_longest_first)
         if pending:
             _run_pending(cfg, out, pending, workers, progress)
         summary = summarize(out, run_wall_seconds=time.perf_counter() - start)
@@ -1033,10 +701,12 @@ def run(
     return summary
 
 
-def _job_cost(method: str, seeds: tuple[int, ...]) -> float:
-    """Relative running time of a job: a fixed cost per update plus a cost per seed."""
-    fixed, per_seed = JOB_COST[method]
-    return fixed + per_seed * len(seeds)
+def _longest_first(job: tuple[str, tuple[int, ...]]) -> tuple[bool, int]:
+    """Sort key starting the longest jobs first, for better packing on the workers: DCEM
+    before GD (a DCEM update evaluates the net on ``dcem_n_sample`` candidates per point,
+    GD on one), then larger batches of seeds first."""
+    method, seeds = job
+    return method != "dcem", -len(seeds)
 
 
 def _run_pending(
@@ -1083,7 +753,9 @@ def summarize(out: str | os.PathLike[str], run_wall_seconds: float | None = None
     summary.json: ``final_mse`` / ``final_mse_ci95`` (mean / 95% CI half-width over seeds),
     ``final_mse_per_seed``, ``ablation`` (step count -> mean MSE), ``ablation_ci95``,
     ``ablation_per_seed``, ``updates``, ``train_inner_steps``, ``ms_per_update`` (mean over
-    seeds of the training time per update, periodic evaluations included),
+    seeds of the training time per update, periodic evaluations and compilation included),
+    ``first_update_seconds`` (per method: the longest first update of its jobs in the
+    processes that finished them, a compilation included; null if they made none),
     ``wall_seconds`` (per method: summed job seconds; ``total``: their sum) and
     ``run_wall_seconds`` (elapsed time of the invocation that wrote the summary).
     """
@@ -1106,7 +778,8 @@ def summarize(out: str | os.PathLike[str], run_wall_seconds: float | None = None
     }
     for name in ("final_mse", "final_mse_ci95", "final_mse_per_seed", "ablation"):
         summary[name] = {}
-    for name in ("ablation_ci95", "ablation_per_seed", "ms_per_update", "wall_seconds"):
+    for name in ("ablation_ci95", "ablation_per_seed", "ms_per_update", "wall_seconds",
+                 "first_update_seconds"):  # fmt: skip
         summary[name] = {}
     for method in cfg.methods:
         _summarize_method(summary, method, [results[method, s] for s in cfg.seeds])
@@ -1133,6 +806,8 @@ def _summarize_method(summary: dict[str, Any], method: str, results: list[dict])
     summary["ablation_per_seed"][method] = {str(r["seed"]): r["ablation"] for r in results}
     summary["ms_per_update"][method] = float(np.mean([r["ms_per_update"] for r in results]))
     summary["wall_seconds"][method] = float(sum(r["seconds"] for r in results))
+    firsts = [r["first_update_seconds"] for r in results if r["first_update_seconds"] is not None]
+    summary["first_update_seconds"][method] = max(firsts) if firsts else None
 
 
 def _nan_if_none(value: float | None) -> float:
