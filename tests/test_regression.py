@@ -233,7 +233,8 @@ def test_gd_is_never_compiled() -> None:
 @pytest.mark.slow
 def test_compiled_dcem_updates_match_eager_ones_to_rounding() -> None:
     """Compiled DCEM iterations (about a minute to compile) give the eager updates to float
-    rounding."""
+    rounding (but out.bias: its gradient is rounding noise, as an energy offset does not move
+    the argmin, and Adam turns that into full-size steps of either sign)."""
     base = RegressionConfig(n_updates=10**6, eval_every=10**6, n_hidden=16)
     data = regression._dataset(base)
     compiled = regression._new_job(base, "dcem", (0, 1))
@@ -242,8 +243,11 @@ def test_compiled_dcem_updates_match_eager_ones_to_rounding() -> None:
         regression._sample_step(compiled, data, base)
         regression._sample_step(eager, data, dataclasses.replace(base, compile=False))
     for a, b in zip(compiled.models, eager.models, strict=True):
-        for p, q in zip(a.parameters(), b.parameters(), strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+        for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+            if name != "out.bias":
+                torch.testing.assert_close(
+                    p, q, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+                )
 
 
 def test_dcem_evaluation_is_reproducible_and_uses_its_own_seed() -> None:
