@@ -36,9 +36,9 @@ bench: setup
 	mkdir -p benchmarks/out
 	$(PY) benchmarks/lml.py --out benchmarks/out/lml.json
 	$(PY) benchmarks/optim.py --out benchmarks/out/optim.json
-	$(PY) benchmarks/optim.py --keep-freed-memory --out benchmarks/out/optim-keep.json
 	$(PY) benchmarks/control.py --out benchmarks/out/control.json
 	$(PY) benchmarks/planner.py --out benchmarks/out/planner.json
+	$(PY) benchmarks/agent.py --out benchmarks/out/agent.json
 	$(PY) benchmarks/phase2.py --out benchmarks/out/phase2.json
 	$(PY) benchmarks/regression.py --out benchmarks/out/regression.json
 

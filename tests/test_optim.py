@@ -192,32 +192,6 @@ def test_soft_refit_gradcheck_with_non_finite_costs(normalize: bool) -> None:
     assert torch.autograd.gradcheck(on_finite, (vf, mu, sigma))
 
 
-def test_names_kept_for_the_regression_experiment_wrap_the_one_implementation() -> None:
-    """``_soft_refit_numpy`` / ``_soft_refit_backward_numpy`` (kept for
-    experiments/regression.py until it moves to the public path) return the weighted
-    refit of samples x and its gradients, those of the scores, lml and the direct
-    formulas differentiated by autograd (float64)."""
-    import importlib
-
-    optim = importlib.import_module("dcem.optim")
-    torch.manual_seed(4)
-    v = torch.randn(3, 20, dtype=F64, requires_grad=True)
-    x = (5 + torch.randn(3, 20, 2, dtype=F64)).requires_grad_()
-    mu, sigma, w, saved = optim._soft_refit_numpy(v, x, 4, 0.5, True)
-    w_ref = dcem.lml(optim._scores(v, True, 4)[0], 4, 0.5)
-    mu_ref = (w_ref.unsqueeze(-1) * x).sum(1) / 4
-    sigma_ref = ((w_ref.unsqueeze(-1) * (x - mu_ref.unsqueeze(1)) ** 2).sum(1) / 4).sqrt()
-    torch.testing.assert_close(w, w_ref.detach())
-    torch.testing.assert_close(mu, mu_ref.detach(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(sigma, sigma_ref.detach(), rtol=1e-10, atol=1e-12)
-    g_mu, g_sigma = torch.randn(3, 2, dtype=F64), torch.randn(3, 2, dtype=F64)
-    g_v, g_x = optim._soft_refit_backward_numpy(saved, 4, 0.5, True, g_mu, g_sigma)
-    want = torch.autograd.grad((mu_ref, sigma_ref), (v, x), (g_mu, g_sigma))
-    torch.testing.assert_close(g_v, want[0], rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(g_x, want[1], rtol=1e-8, atol=1e-10)
-    assert optim._SMALL_REFIT > 0
-
-
 def test_large_problem_gradient_matches_finite_differences() -> None:
     """At (B, N, d) = (4, 100, 200) the directional derivative w.r.t. f's parameters,
     init_mu and init_sigma matches central differences (float64, common random numbers)."""

@@ -482,3 +482,16 @@ def test_agent_is_library_code_that_leaves_the_global_generator_alone():
     assert b.updates == 2 and torch.equal(b.model.obs_loc, a.model.obs_loc)
     with pytest.raises(ValueError, match="action_low"):
         Agent(cfg, 5, 2, -torch.ones(3), torch.ones(2))
+
+
+def test_agent_benchmark_tiny(tmp_path):
+    out = tmp_path / "agent.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "agent.py"), "--tiny", "--out",
+                    str(out)], check=True, timeout=300)  # fmt: skip
+    result = json.loads(out.read_text())
+    one, two = result["results"]
+    assert (one["threads"], two["threads"]) == (1, 2)
+    for r in (one, two):
+        assert r["decision_s"] > 0 and r["update_s"] > 0
+        assert r["episode_s"] == pytest.approx(250 * r["decision_s"] + 100 * r["update_s"])
+    assert result["speedup_episode"] == pytest.approx(one["episode_s"] / two["episode_s"])

@@ -907,32 +907,3 @@ class DCEM(torch.nn.Module):
     ) -> Tensor:
         sigma = self.init_sigma if init_sigma is None else init_sigma
         return dcem(f, init_mu, sigma, generator=generator, **self.kw)  # type: ignore[arg-type]
-
-
-# ----------------------------------------------------------------------------- kept names
-# Kept for experiments/regression.py until it moves to the public path: thin wrappers
-# over _soft_refit (no arithmetic of their own), and the size below which it calls them.
-
-_SMALL_REFIT = 8192
-
-
-def _soft_refit_numpy(
-    v: Tensor, x: Tensor, k: int, tau: float, normalize: bool
-) -> tuple[Tensor, Tensor, Tensor, tuple]:
-    """:func:`_soft_refit` of costs v (B, N) and samples x (B, N, d): ``(mu, sigma, w)``
-    detached, and what :func:`_soft_refit_backward_numpy` needs (the graph)."""
-    with torch.enable_grad():
-        v, x = v.detach().requires_grad_(), x.detach().clone().requires_grad_()
-        ref = x.detach().mean(1)  # x = ref + 1 * (x - ref): centred, well conditioned
-        e = x - ref.unsqueeze(1)
-        mu, sigma, w, _ = _soft_refit(v, ref, torch.ones_like(ref), e, k, tau, normalize)
-    return mu.detach(), sigma.detach(), w.detach(), (v, x, mu, sigma)
-
-
-def _soft_refit_backward_numpy(
-    saved: tuple, k: int, tau: float, normalize: bool, g_mu: Tensor, g_sigma: Tensor
-) -> tuple[Tensor, Tensor]:
-    """``(g_v (B, N), g_x (B, N, d))`` of :func:`_soft_refit_numpy`'s outputs, by autograd."""
-    v, x, mu, sigma = saved
-    g_v, g_x = torch.autograd.grad((mu, sigma), (v, x), (g_mu, g_sigma), retain_graph=True)
-    return g_v, g_x
