@@ -125,12 +125,7 @@ def bench_device(c: Config, device: torch.device, dtype: torch.dtype) -> dict:
     Other processes on a shared machine slow all three alike within one repeat, so besides
     best-versus-best the per-repeat (paired) ratios are reported.
     """
-    torch.manual_seed(0)
-    model = RSSM(c.obs_size, c.action_size, deter_size=c.deter_size, stoch_size=c.stoch_size,
-                 hidden_size=c.hidden_size, n_layers=c.n_layers).to(device, dtype)  # fmt: skip
-    g = torch.Generator(device=device).manual_seed(0)
-    sizes = (c.deter_size, c.stoch_size, c.stoch_size, c.stoch_size)
-    state = State(*(torch.randn(1, n, device=device, dtype=dtype, generator=g) for n in sizes))
+    model, g, state = _setup(c, device, dtype)
     start = State(*(x.expand(c.n_sample, -1) for x in state))
     decoder = ActionDecoder(c.latent_dim, c.action_size, horizon=c.horizon,
                             hidden=c.decoder_hidden, n_layers=c.decoder_layers)  # fmt: skip
