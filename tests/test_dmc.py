@@ -86,6 +86,11 @@ def test_quick_train_writes_the_run_folder_and_a_rerun_changes_nothing(phase1: P
     assert steps == sorted(steps) and steps[0] == cfg.episode_steps
     # the model was trained: loss terms logged for planner episodes, updates counted
     assert all(float(r["obs_loss"]) > 0 for r in train[1:])
+    # what shows a planner exploiting the model, per planner episode and evaluation
+    for r in [*train[1:], *(r for r in rows if r["phase"] == "eval")]:
+        assert 0 <= float(r["saturated_fraction"]) <= 1
+        assert math.isfinite(float(r["plan_imagined"])) and math.isfinite(float(r["plan_real"]))
+    assert train[0]["saturated_fraction"] == ""  # random actions: no plan
     per_episode = -(-cfg.episode_steps // cfg.repeat) // max(1, cfg.update_every // cfg.repeat)
     assert int(train[-1]["updates"]) >= (len(train) - 1) * per_episode * cfg.updates_per_round
     summary = json.loads((out / "summary.json").read_text())
@@ -220,13 +225,40 @@ def test_eval_command_writes_returns_json(phase1: Path, tmp_path: Path) -> None:
     name = f"cem-{record['candidates']}x{record['iterations']}.json"
     assert record == json.loads((out / "eval" / name).read_text())
     assert len(record["returns"]) == 2 and record["task"] == TASK
-    assert "episode 2 / 2, return" in done.stderr  # off a terminal: a line per episode
+    assert "2 / 2 episodes done" in done.stderr  # off a terminal: a line per episode
     assert record["mean"] == pytest.approx(sum(record["returns"]) / 2)
+    assert record["median"] == pytest.approx(float(np.median(record["returns"])))
+    lo, hi = record["median_ci95"]
+    assert min(record["returns"]) <= lo <= record["median"] <= hi <= max(record["returns"])
+    assert 0 <= record["saturated_fraction"] <= 1 and math.isfinite(record["plan_imagined"])
     # evaluation episodes are seeded: the first one equals the run's own first evaluation
     first_eval = next(r for r in _rows(out) if r["phase"] == "eval")
     assert int(first_eval["episode"]) == 0
     again = _cli("eval", out, "--episodes", "1")
     assert json.loads(again.stdout)["returns"] == record["returns"][:1]
+
+
+def test_eval_in_two_worker_processes_equals_one(phase1: Path, tmp_path: Path) -> None:
+    out = _copy(phase1, tmp_path / "run")
+    one = _cli("eval", out, "--episodes", "3")
+    two = _cli("eval", out, "--episodes", "3", "--workers", "2")
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    first, second = json.loads(one.stdout), json.loads(two.stdout)
+    assert (first["workers"], second["workers"]) == (1, 2)
+    assert second["returns"] == first["returns"]  # each episode seeded by its index
+    for key in ("median_ci95", "saturated_fraction", "plan_imagined", "plan_real"):
+        assert second[key] == first[key], key
+
+
+def test_plan_statistics_equal_a_hand_computation() -> None:
+    rewards = [1.0, 0.0, 2.0, 3.0, 0.5]
+    imagined = [torch.tensor(v) for v in (4.0, 5.0, 6.0, 7.0, 8.0)]
+    stats = dmc._plan_stats(imagined, rewards, horizon=3)
+    paid = [sum(rewards[t : t + 3]) for t in range(3)]  # decisions with 3 steps left
+    assert stats["plan_real"] == pytest.approx(sum(paid) / 3)
+    assert stats["plan_imagined"] == pytest.approx((4.0 + 5.0 + 6.0) / 3)
+    assert dmc._plan_stats(imagined[:2], rewards[:2], horizon=3) == {
+        "plan_imagined": "", "plan_real": ""}  # fmt: skip
 
 
 def test_video_is_written_or_skipped_with_one_line(tmp_path: Path) -> None:

@@ -393,6 +393,12 @@ def _add_dmc(parser: argparse.ArgumentParser) -> None:
                           "every record in the runs' eval/ folders (paper fig. 4)")  # fmt: skip
     evaluate.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     evaluate.add_argument("--video", action="store_true", help="also render eval-PLANNER.gif")
+    evaluate.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="processes that share the episodes, one torch thread each (default: 1)",
+    )
     diag = sub.add_parser("diagnose", help="is the world model good enough to plan with? R² "
                           "of reconstruction and rewards, open-loop rewards, return ranking "
                           "(JSON and figure in RUN_DIR/diagnose)")  # fmt: skip
@@ -495,12 +501,14 @@ def _run_dmc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     record = dmc.evaluate(
                         run, episodes=args.episodes, planner=planner, device=args.device,
                         video=args.video, sizes=None if None in sizes else sizes,
+                        workers=args.workers,
                     )  # fmt: skip
                 except (dmc.RunFolderError, common.CheckpointError, ValueError) as err:
                     parser.error(f"argument RUN_DIR: {err}")
-                log.info("%s %s (%d trajectories per decision): mean return %.1f over %d "
-                         "episodes", run, record["planner"], record["trajectories_per_decision"],
-                         record["mean"], record["episodes"])  # fmt: skip
+                log.info("%s %s (%d trajectories per decision): mean return %.1f, median %.1f "
+                         "(95%% CI %.1f to %.1f) over %d episodes", run, record["planner"],
+                         record["trajectories_per_decision"], record["mean"], record["median"],
+                         *record["median_ci95"], record["episodes"])  # fmt: skip
                 records.append(record)
         if args.plot is not None:
             log.info("wrote %s", dmc.plot_eval(dmc.eval_records(args.runs), args.plot))

@@ -80,10 +80,14 @@ METRIC_FIELDS = [
     "env_step", "episode", "phase", "return", "return_std", "eval_returns", "obs_loss",
     "reward_loss", "kl_loss", "kl_raw", "updates", "wall_seconds", "episode_seconds",
     "plan_seconds", "update_seconds", "physics_seconds", "decoder_cost",
+    "saturated_fraction", "plan_imagined", "plan_real",
 ]  # fmt: skip
 """Columns of ``metrics.csv``. Train and seed rows: one per episode. Eval rows: one per
 evaluation point, ``return`` the mean and ``return_std`` the standard deviation of its
-episodes, ``eval_returns`` each episode's return (space-separated)."""
+episodes, ``eval_returns`` each episode's return (space-separated). ``saturated_fraction``,
+``plan_imagined`` and ``plan_real`` (train and eval rows; see :func:`run_episode`, averaged
+over an evaluation's episodes) show whether the planner exploits errors of the model: its
+plans saturate the actions and the model rates them above what they earn."""
 
 
 def load_config(out: Path, **overrides: Any) -> DMCConfig:
@@ -211,6 +215,7 @@ def run_episode(
     on_step: Callable[[int], None] | None = None,
     frames: list[np.ndarray] | None = None,
     timers: dict[str, float] | None = None,
+    plans: dict[str, float] | None = None,
 ) -> float:  # fmt: skip
     """One episode; returns its return.
 
@@ -218,7 +223,12 @@ def run_episode(
     or ``"eval"`` (planner only). Seed and train episodes go to the replay. ``on_step(t)`` is
     called before each agent step ``t`` (model updates); ``frames`` collects renders;
     ``timers["plan"]`` and ``timers["physics"]`` accumulate the seconds spent acting (belief
-    and planner) and in the simulator.
+    and planner) and in the simulator. ``plans`` receives what shows a planner exploiting
+    the model (train and eval episodes): ``saturated_fraction``, the share of action
+    components in the outer 2.5% of their range at either end (``|a| > 0.95`` in [-1, 1]),
+    and ``plan_imagined`` / ``plan_real``, the means over decisions of the model's return of
+    the chosen plan over the horizon H and of the rewards the next H steps paid (decisions
+    with H steps left).
     """
     timers = {} if timers is None else timers
     clock = time.perf_counter
@@ -228,8 +238,12 @@ def run_episode(
     if store:
         agent.replay.start_episode(obs)
     belief = agent.model.initial_state((1,))
+    mid, half = (0.5 * (env.action_high + env.action_low), 0.5 * (env.action_high - env.action_low))
+    saturated = 0
     action = torch.zeros(env.action_size, device=agent.device)
     total, done, t = 0.0, False, 0
+    rewards: list[float] = []
+    imagined: list[Tensor] = []
     while not done:
         if on_step is not None:
             on_step(t)
@@ -240,6 +254,8 @@ def run_episode(
             belief, action = agent.act(
                 belief, action, obs, explore=mode == "train", generator=generator
             )
+        if mode != "seed" and agent.last_imagined_return is not None:
+            imagined.append(agent.last_imagined_return)
         action_np = action.cpu().numpy().astype(np.float32)
         tock = clock()
         obs, reward, done = env.step(action_np)
@@ -250,21 +266,48 @@ def run_episode(
         if frames is not None:
             frames.append(env.render(height=128, width=128))
         total, t = total + reward, t + 1
+        rewards.append(reward)
+        saturated += int((np.abs(action_np - mid) > 0.95 * half).sum())
+    if plans is not None and mode != "seed":
+        plans.update(_plan_stats(imagined, rewards, agent.cfg.horizon))
+        plans["saturated_fraction"] = saturated / (t * action_np.size)
     return total
+
+
+def _plan_stats(imagined: list[Tensor], rewards: list[float], horizon: int) -> dict[str, Any]:
+    """Means of the imagined returns of the plans chosen at the decisions with ``horizon``
+    steps left and of the rewards those steps paid (empty strings if there is none)."""
+    n = len(rewards) - horizon + 1
+    if n < 1 or len(imagined) < n:
+        return {"plan_imagined": "", "plan_real": ""}
+    paid = np.convolve(np.asarray(rewards, dtype=np.float64), np.ones(horizon), "valid")
+    return {"plan_imagined": float(torch.stack(imagined[:n]).double().mean()),
+            "plan_real": float(paid[:n].mean())}  # fmt: skip
 
 
 def _evaluate_agent(
     agent: Agent, env: DMCEnv, episodes: Sequence[int], frames: list[np.ndarray] | None = None,
-    timers: dict[str, float] | None = None,
+    timers: dict[str, float] | None = None, plans: list[dict[str, Any]] | None = None,
 ) -> list[float]:  # fmt: skip
-    """Returns of the noise-free planner on evaluation episodes with the given indices."""
+    """Returns of the noise-free planner on evaluation episodes with the given indices;
+    ``plans`` receives each episode's plan statistics (see :func:`run_episode`)."""
     returns = []
     for i in episodes:
         gen = torch.Generator(agent.device).manual_seed(_seed(agent.cfg.seed, EVAL_STREAM, i))
+        stats: dict[str, Any] = {}
         returns.append(run_episode(agent, env, mode="eval", seed=_seed(agent.cfg.seed,
                        EVAL_STREAM, i, 1), generator=gen, frames=frames if i == episodes[0]
-                       else None, timers=timers))  # fmt: skip
+                       else None, timers=timers, plans=stats))  # fmt: skip
+        if plans is not None:
+            plans.append(stats)
     return returns
+
+
+def _mean_plans(plans: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The mean of each plan statistic over episodes (an empty string where none has it)."""
+    keys = ("saturated_fraction", "plan_imagined", "plan_real")
+    values = {k: [p[k] for p in plans if p.get(k, "") != ""] for k in keys}
+    return {k: float(np.mean(v)) if v else "" for k, v in values.items()}
 
 
 # --------------------------------------------------------------------------- training
@@ -445,6 +488,7 @@ def _train_episode(agent: Agent, env: DMCEnv) -> dict[str, Any]:
     start = time.perf_counter()
     losses: list[dict[str, float]] = []
     timers = {"plan": 0.0, "physics": 0.0, "update": 0.0}
+    plans: dict[str, Any] = {}
 
     def on_step(t: int) -> None:
         if t % interval == 0 and agent.can_update():
@@ -456,7 +500,8 @@ def _train_episode(agent: Agent, env: DMCEnv) -> dict[str, Any]:
 
     mode = "seed" if c["episode"] < cfg.seed_episodes else "train"
     ret = run_episode(agent, env, mode=mode, seed=_seed(cfg.seed, TRAIN_STREAM, c["episode"]),
-                      on_step=on_step if mode == "train" else None, timers=timers)  # fmt: skip
+                      on_step=on_step if mode == "train" else None, timers=timers,
+                      plans=plans)  # fmt: skip
     c["env_step"] += env.steps
     c["episode"] += 1
     if c["episode"] == cfg.seed_episodes:
@@ -468,7 +513,8 @@ def _train_episode(agent: Agent, env: DMCEnv) -> dict[str, Any]:
             else "" for k in keys}  # fmt: skip
     return {"env_step": c["env_step"], "episode": c["episode"] - 1, "phase": mode,
             "return": ret, **mean, "updates": agent.updates,
-            "wall_seconds": round(agent.wall_seconds, 2), **_split(seconds, timers)}  # fmt: skip
+            "wall_seconds": round(agent.wall_seconds, 2), **_split(seconds, timers),
+            **plans}  # fmt: skip
 
 
 def _split(seconds: float, timers: dict[str, float]) -> dict[str, float]:
@@ -493,13 +539,16 @@ def _eval_rows(agent: Agent, env: DMCEnv) -> list[dict[str, Any]]:
     start = time.perf_counter()
     c = agent.counters
     timers = {"plan": 0.0, "physics": 0.0}
-    returns = _evaluate_agent(agent, env, range(agent.cfg.eval_episodes), timers=timers)
+    plans: list[dict[str, Any]] = []
+    returns = _evaluate_agent(agent, env, range(agent.cfg.eval_episodes), timers=timers,
+                              plans=plans)  # fmt: skip
     seconds = time.perf_counter() - start
     agent.wall_seconds += seconds
     row = {"env_step": c["env_step"], "episode": c["evals"], "phase": "eval",
            "return": float(np.mean(returns)), "return_std": float(np.std(returns)),
            "eval_returns": " ".join(f"{r:.2f}" for r in returns), "updates": agent.updates,
-           "wall_seconds": round(agent.wall_seconds, 2), **_split(seconds, timers)}  # fmt: skip
+           "wall_seconds": round(agent.wall_seconds, 2), **_split(seconds, timers),
+           **_mean_plans(plans)}  # fmt: skip
     c["evals"] += 1
     log.info("eval at %d env steps: mean %.1f (std %.1f) over %s", c["env_step"], row["return"],
              row["return_std"], ", ".join(f"{r:.1f}" for r in returns))  # fmt: skip
@@ -572,6 +621,7 @@ def _restore_agent(cfg: DMCConfig, path: Path) -> tuple[Agent, DMCEnv]:
 def evaluate(
     out: Path, *, episodes: int, planner: str | None = None, device: str = "cpu",
     video: bool = False, sizes: tuple[int, int, int] | None = None, show_progress: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
     """Evaluate the latest checkpoint of the run in ``out`` with a noise-free planner.
 
@@ -582,13 +632,19 @@ def evaluate(
             with the latent planner, ``cem`` works on any run (same world model).
         sizes: ``(candidates, elites, iterations)`` of that planner (default: the run's).
         video: also render the first episode to ``eval-{planner}.gif``.
+        workers: processes that share the episodes (each loads the checkpoint and runs one
+            torch thread); every episode is seeded by its index, so the returns do not depend
+            on how many there are.
 
     Returns:
         The record also written to ``eval/{planner}-{candidates}x{iterations}.json``: returns,
-        mean, std, median, trajectories per decision, seconds.
+        mean, std, median with its bootstrap 95% interval (``median_ci95``), trajectories per
+        decision, plan statistics (:func:`run_episode`, means over episodes), seconds.
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     if planner is not None and planner not in PLANNERS:
         raise ValueError(f"planner must be one of {', '.join(PLANNERS)}, got {planner!r}")
     cfg = load_config(out, device=device)
@@ -599,39 +655,71 @@ def evaluate(
     if planner == "latent" and cfg.planner != "latent":
         raise ValueError(f"planner latent needs a run trained with --planner latent; {out} "
                          f"was trained with {cfg.planner}")  # fmt: skip
-    agent, env = _restore_agent(cfg, path)
+    if sizes is not None and sizes[1] >= sizes[0]:
+        raise ValueError(f"elites must be < candidates, got {sizes[1]} >= {sizes[0]}")
+    workers = min(workers, episodes)
+    start = time.perf_counter()
+    results: dict[int, tuple[float, dict[str, Any]]] = {}
+    # a bar on a terminal, otherwise a log line per episode
+    with common.RunProgress({str(i): 0 for i in range(episodes)}, episodes, show_progress,
+                            experiment=f"eval {out} {planner}", unit="episodes done",
+                            bar_unit="ep", job_noun="episodes", logger=log,
+                            log_every=0.0) as advance:  # fmt: skip
+        chunks = [(out, device, planner, sizes, tuple(range(w, episodes, workers)),
+                   1 if workers > 1 else None) for w in range(workers)]  # fmt: skip
+        common.run_jobs(_eval_job, chunks, workers, advance,
+                        lambda r: results.update(r["episodes"]))  # fmt: skip
+    returns = [results[i][0] for i in range(episodes)]
+    agent, env = _restore_agent(cfg, path)  # for the counters, the sizes and the video
     try:
-        agent.planner = planner
-        if sizes is not None:
-            if sizes[1] >= sizes[0]:
-                raise ValueError(f"elites must be < candidates, got {sizes[1]} >= {sizes[0]}")
-            setattr(agent, "latent_sizes" if planner == "latent" else "cem_sizes", sizes)
-        n_sample, _, n_iter = agent.latent_sizes if planner == "latent" else agent.cem_sizes
-        start = time.perf_counter()
-        from tqdm.auto import tqdm
-
-        bar = tqdm(range(episodes), desc=f"eval {cfg.task} {planner}", unit="ep",
-                   disable=None if show_progress else True)  # fmt: skip
-        returns = []
-        for i in bar:  # a bar on a terminal, otherwise a log line per episode
-            returns.append(_evaluate_agent(agent, env, [i])[0])
-            if bar.disable:
-                log.info("eval %s %s: episode %d / %d, return %.1f (%.0f s)", out, planner,
-                         i + 1, episodes, returns[-1], time.perf_counter() - start)  # fmt: skip
+        _set_planner(agent, planner, sizes)
         if video:
             write_video(agent, env, Path(out) / f"eval-{planner}.gif")
     finally:
         env.close()
+    n_sample, _, n_iter = agent.latent_sizes if planner == "latent" else agent.cem_sizes
+    median, lo, hi = common.median_ci95(returns)
     record = {
         "run": str(out), "task": cfg.task, "planner": planner,
         "env_steps_trained": agent.counters["env_step"], "episodes": episodes,
         "candidates": n_sample, "iterations": n_iter,
         "trajectories_per_decision": n_sample * n_iter,
         "returns": returns, "mean": float(np.mean(returns)), "std": float(np.std(returns)),
-        "median": float(np.median(returns)), "seconds": round(time.perf_counter() - start, 1),
+        "median": median, "median_ci95": [lo, hi],
+        **_mean_plans([results[i][1] for i in range(episodes)]),
+        "workers": workers, "seconds": round(time.perf_counter() - start, 1),
     }  # fmt: skip
     common.atomic_write_json(Path(out) / "eval" / f"{planner}-{n_sample}x{n_iter}.json", record)
     return record
+
+
+def _set_planner(agent: Agent, planner: str, sizes: tuple[int, int, int] | None) -> None:
+    agent.planner = planner
+    if sizes is not None:
+        setattr(agent, "latent_sizes" if planner == "latent" else "cem_sizes", sizes)
+
+
+def _eval_job(
+    out: Path, device: str, planner: str, sizes: tuple[int, int, int] | None,
+    episodes: tuple[int, ...], threads: int | None, *, progress: common.ProgressFn,
+) -> dict[str, Any]:  # fmt: skip
+    """Evaluation episodes ``episodes`` of the run in ``out`` (one job of :func:`evaluate`,
+    in this process or a worker): ``{"episodes": {index: (return, plan statistics)}}``."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cfg = load_config(out, device=device)
+    agent, env = _restore_agent(cfg, Path(out) / "ckpt" / "latest.pt")
+    try:
+        _set_planner(agent, planner, sizes)
+        done: dict[int, tuple[float, dict[str, Any]]] = {}
+        for i in episodes:
+            plans: list[dict[str, Any]] = []
+            ret = _evaluate_agent(agent, env, [i], plans=plans)[0]
+            done[i] = (ret, plans[0])
+            progress(str(i), 1)
+    finally:
+        env.close()
+    return {"episodes": done}
 
 
 def compare_plans(out: Path, *, states: int = 12, seed: int = 0) -> dict[str, Any]:

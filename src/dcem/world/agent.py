@@ -41,7 +41,7 @@ class Agent:
         model, optimizer, replay, generator, decoder (None with the ``cem`` planner),
         decoder_opt; ``planner``, ``cem_sizes`` and ``latent_sizes`` (``(n_sample, n_elite,
         n_iter)``) may be changed to act differently (evaluation); ``updates`` counts model
-        updates.
+        updates; ``last_imagined_return`` is set by :meth:`act`.
     """
 
     def __init__(
@@ -76,6 +76,7 @@ class Agent:
         self.cem_sizes = (cfg.plan_samples, cfg.plan_elites, cfg.plan_iter)
         self.latent_sizes = (cfg.latent_samples, cfg.latent_elites, cfg.latent_iter)
         self.updates = 0
+        self.last_imagined_return: Tensor | None = None
 
     # ---------------------------------------------------------------- acting
     @torch.no_grad()
@@ -89,6 +90,10 @@ class Agent:
         episode's start), ``prev_action (a,)`` the action since (zeros at the start), ``obs
         (o,)`` the raw observation. ``explore`` adds Gaussian noise of std
         ``cfg.explore_noise`` (clipped to the bounds).
+
+        Sets :attr:`last_imagined_return`, a 0-dim tensor: the model's return of the chosen
+        plan over the horizon (prior mean), to set against what the environment pays (a
+        planner that exploits the model's errors is rated higher than it earns).
         """
         obs_t = torch.as_tensor(obs, device=self.device)[None]
         belief = self.model.belief(belief, prev_action[None], obs_t, generator=generator)
@@ -96,18 +101,22 @@ class Agent:
             if self.decoder is None:
                 raise ValueError("the latent planner needs an agent with planner='latent'")
             n_sample, n_elite, n_iter = self.latent_sizes
-            action = plan_latent(
+            first, actions = plan_latent(
                 self.model, self.decoder, belief, n_sample=n_sample, n_elite=n_elite,
                 n_iter=n_iter, tau=self.cfg.latent_tau, sample=self.cfg.plan_sample,
-                generator=generator,
-            )[0]  # fmt: skip
+                generator=generator, return_plan=True,
+            )  # fmt: skip
         else:
             n_sample, n_elite, n_iter = self.cem_sizes
-            action = plan(
+            first, actions = plan(
                 self.model, belief, action_low=self.low, action_high=self.high,
                 horizon=self.cfg.horizon, n_iter=n_iter, n_sample=n_sample, n_elite=n_elite,
-                sample=self.cfg.plan_sample, generator=generator,
-            )[0]  # fmt: skip
+                sample=self.cfg.plan_sample, generator=generator, return_plan=True,
+            )  # fmt: skip
+        self.last_imagined_return = self.model.imagined_return(
+            belief, actions.transpose(0, 1), sample=False
+        )[0]
+        action = first[0]
         if explore and self.cfg.explore_noise > 0:
             noise = torch.randn(action.shape, generator=generator, device=self.device)
             action = torch.maximum(torch.minimum(action + self.cfg.explore_noise * noise,
