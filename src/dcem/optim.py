@@ -11,6 +11,7 @@ implementation; ``compile=True`` hands one iteration to ``torch.compile``.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -586,6 +587,32 @@ def _replayed_step(
     return run
 
 
+def _noise_step(
+    f: Cost, eps: Tensor, kw: dict, compile: bool, mu: Tensor, sigma: Tensor
+) -> tuple[Tensor, ...]:
+    """A DCEM step from given noise (the checkpoint mode's recomputation with ``noise``)."""
+    return _run(_dcem_step, compile, f, mu, sigma, eps, **kw)[:5]
+
+
+def _check_noise(
+    noise: Any, generator: Any, shape: tuple[int, ...], single: bool, like: Tensor
+) -> Tensor:
+    """``noise`` as ``(n_iter, B, N, d)``: a tensor of that shape (``(n_iter, N, d)`` for one
+    problem) in ``like``'s dtype and device, given instead of a generator."""
+    if generator is not None:
+        raise ValueError("give noise or generator, not both")
+    if not isinstance(noise, Tensor):
+        raise TypeError(f"noise must be a tensor or None, got {_describe(noise)}")
+    expected = shape[:1] + shape[2:] if single else shape
+    if tuple(noise.shape) != expected:
+        raise ValueError(f"noise must have shape (n_iter, B, N, d) = {expected}, got "
+                         f"{tuple(noise.shape)}")  # fmt: skip
+    if noise.dtype != like.dtype or noise.device != like.device:
+        raise ValueError(f"noise must be {like.dtype} on {like.device} like init_mu, got "
+                         f"{noise.dtype} on {noise.device}")  # fmt: skip
+    return noise.unsqueeze(1) if single else noise
+
+
 def dcem(
     f: Cost,
     init_mu: Tensor,
@@ -604,6 +631,7 @@ def dcem(
     n_anchor: int | None = None,
     callback: Callable[[IterationInfo], None] | None = None,
     compile: bool = False,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """Differentiable cross-entropy method: ``argmin_x f(x)`` with gradients.
 
@@ -651,6 +679,11 @@ def dcem(
             again eagerly from the same noise, so results are those of the eager code
             up to rounding. A compile failure warns once and runs eagerly from then on.
             Default False: a call never compiles unless asked.
+        noise: the standard normal draws ``eps`` of every iteration, ``(n_iter, B, N, d)``
+            (or ``(n_iter, N, d)`` for one problem), in ``init_mu``'s dtype and device,
+            instead of drawing them from ``generator`` (give one or the other): the same
+            noise gives the same samples, whatever the batch it is solved in (a policy that
+            recomputes its actions in a larger batch, say).
 
     Non-finite costs rank as the worst (weight exactly 0, never an elite); a problem
     with fewer than ``n_elite`` finite costs in an iteration raises ``ValueError``
@@ -681,23 +714,33 @@ def dcem(
     _check_callable("callback", callback, optional=True)
     _check_generator(generator)
     mu, sigma, lo, hi, single = _prepare(init_mu, init_sigma, lb, ub, n_sample, n_elite, n_iter)
+    if noise is not None:
+        noise = _check_noise(noise, generator, (n_iter, *mu.shape[:1], n_sample, mu.shape[1]),
+                             single, mu)  # fmt: skip
     n_keep = 3 * n_elite if n_keep is None else n_keep
     n_anchor = n_elite if n_anchor is None else n_anchor
     if backward == "pruned":
         _check_int("n_keep", n_keep, n_elite)
         _check_int("n_anchor", n_anchor, 0)
         n_keep = min(n_keep, n_sample)
-    gen = _generator(generator, mu.device)
+    gen = _generator(generator, mu.device) if noise is None else None
     shape = (mu.shape[0], n_sample, mu.shape[1])
     kw: dict[str, Any] = dict(n_elite=n_elite, tau=float(tau), lb=lo, ub=hi, normalize=normalize)
     for t in range(n_iter):
         if backward == "checkpoint":
             after: list[Tensor] = []
-            run = _replayed_step(f, gen.get_state(), shape, after, kw, compile)
+            run: Callable[[Tensor, Tensor], tuple[Tensor, ...]]
+            if noise is not None:
+                run = functools.partial(_noise_step, f, noise[t], kw, compile)
+            else:
+                assert gen is not None  # drawn above when noise is None
+                run = _replayed_step(f, gen.get_state(), shape, after, kw, compile)
             out = checkpoint(run, mu, sigma, use_reentrant=False)
-            gen.set_state(after[0])
+            if gen is not None:
+                gen.set_state(after[0])
         else:
-            eps = torch.randn(shape, generator=gen, device=mu.device, dtype=mu.dtype)
+            eps = (torch.randn(shape, generator=gen, device=mu.device, dtype=mu.dtype)
+                   if noise is None else noise[t])  # fmt: skip
             if backward == "pruned":
                 out = _run(_dcem_step_pruned, compile, f, mu, sigma, eps, n_keep=n_keep,
                            n_anchor=n_anchor, **kw)  # fmt: skip
