@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     )
     from dcem.world.latent import ActionDecoder, latent_planning_cost, latent_policy, plan_latent
     from dcem.world.planner import plan
+    from dcem.world.ppo import DCEMPolicy
     from dcem.world.replay import ReplayBuffer
     from dcem.world.rssm import RSSM, LossTerms, State, gaussian_kl, gaussian_log_likelihood
 
@@ -35,11 +36,12 @@ _HOME = {
     "plan_latent": "latent", "plan": "planner", "ReplayBuffer": "replay", "RSSM": "rssm",
     "LossTerms": "rssm", "State": "rssm", "gaussian_kl": "rssm",
     "gaussian_log_likelihood": "rssm", "Agent": "agent", "AgentConfig": "config",
+    "DCEMPolicy": "ppo",
 }  # fmt: skip
 
 __all__ = [
-    "EPISODE_STEPS", "RSSM", "Agent", "AgentConfig", "TASKS", "ActionDecoder", "DMCEnv",
-    "LossTerms",
+    "EPISODE_STEPS", "RSSM", "Agent", "AgentConfig", "TASKS", "ActionDecoder", "DCEMPolicy",
+    "DMCEnv", "LossTerms",
     "RenderUnavailableError", "ReplayBuffer", "State", "TaskSpec", "flatten_observation",
     "gaussian_kl", "gaussian_log_likelihood", "latent_planning_cost", "latent_policy",
     "make_env", "plan", "plan_latent", "task_spec",

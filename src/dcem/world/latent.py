@@ -178,7 +178,9 @@ def _costs(
     ``RSSM.imagined_return``.
     """
     device = state.deter.device
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
+    seed = 0  # no prior noise to draw with sample=False: the generator is left as it is
+    if sample:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
 
     def cost(z: Tensor) -> Tensor:
         n = z.shape[1]
@@ -277,6 +279,7 @@ def latent_policy(
     generator: torch.Generator | None = None,
     backward: Backward = "full",
     return_plan: bool = False,
+    noise: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The differentiable controller: belief state -> first action of the decoded DCEM solution.
 
@@ -287,14 +290,17 @@ def latent_policy(
     Arguments as in :func:`plan_latent`; ``backward`` is passed to :func:`dcem.dcem`
     (``"checkpoint"`` is exact; ``"pruned"`` approximates, and with ``sample=True`` its graph
     pass sees the noise of the first ``n_keep + n_anchor + 1`` candidate slots rather than
-    the kept ones').
+    the kept ones'). ``noise``: DCEM's draws ``(n_iter, B, n_sample, latent_dim)`` instead
+    of drawing them from ``generator`` (see :func:`dcem.dcem`; with ``sample=False``, the
+    answer for a state is then the same whatever batch it is solved in).
 
     Returns:
         ``(B, a)``; with ``return_plan`` also the decoded plan ``(B, H, a)``.
     """
     _check(model, decoder, state, generator)
     cost = _costs(model, decoder, state, sample=sample, generator=generator, differentiable=True)
-    kw = dict(n_sample=n_sample, n_elite=n_elite, n_iter=n_iter, tau=tau, generator=generator)
+    kw = dict(n_sample=n_sample, n_elite=n_elite, n_iter=n_iter, tau=tau, generator=generator,
+              noise=noise)  # fmt: skip
     z = _solve(cost, decoder, state, init_sigma=init_sigma, backward=backward, **kw)
     actions = decoder(z)
     return (actions[:, 0], actions) if return_plan else actions[:, 0]
