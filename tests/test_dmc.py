@@ -524,3 +524,54 @@ def test_a_compiled_run_trains_and_says_nothing_about_falling_back(tmp_path: Pat
     assert dmc.load_config(tmp_path / "run").compile
     rows = [r for r in _rows(tmp_path / "run") if r["phase"] == "train"]
     assert rows and float(rows[0]["plan_seconds"]) > 0
+
+
+# --------------------------------------------------------------------------- phase 3: PPO
+
+
+def test_ppo_quick_run_resumes_after_a_kill_to_the_rows_of_an_uninterrupted_run(
+    phase1: Path, phase2: Path, tmp_path: Path
+) -> None:
+    whole = tmp_path / "whole"
+    done = _cli("ppo", "--quick", "--init-from", phase2, "--out", whole)
+    assert done.returncode == 0, done.stderr
+    rows = _rows(whole)
+    assert [(r["ppo_step"], r["phase"]) for r in rows] == [
+        ("0", "eval"),
+        ("0", "train"),
+        ("1", "eval"),
+        ("1", "train"),
+        ("2", "eval"),
+    ]
+    for r in (r for r in rows if r["phase"] == "train"):
+        # the recorded DCEM draws give the acting policy back before the first gradient step
+        assert float(r["ratio_first_max_dev"]) < 1e-4
+        assert float(r["std"]) == pytest.approx(0.1) and math.isfinite(float(r["value_loss"]))
+    assert (whole / "ppo.png").read_bytes().startswith(b"\x89PNG")
+    summary = json.loads((whole / "summary.json").read_text())
+    assert summary["eval_return_before"] == pytest.approx(float(rows[0]["return"]))
+    # before and after are the same evaluation episodes (paired): as many, from the same starts
+    assert len(summary["eval_returns_before"]) == len(summary["eval_returns_after"]) == 1
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "dcem", "dmc", "ppo", "--quick", "--init-from", str(phase2),
+               "--out", str(killed)]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=_env())  # fmt: skip
+    deadline = time.monotonic() + 90
+    while not (killed / "metrics.csv").exists() or len(_rows(killed)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "ended before the kill"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    again = _cli("ppo", "--quick", "--init-from", phase2, "--out", killed)
+    assert again.returncode == 0, again.stderr
+    assert _without_time(_rows(killed)) == _without_time(rows)
+
+
+def test_ppo_refuses_a_phase_one_run_and_bad_parts(phase1: Path, tmp_path: Path) -> None:
+    done = _cli("ppo", "--quick", "--init-from", phase1, "--out", tmp_path / "x")
+    assert done.returncode == 2 and "--init-from" in done.stderr and "--planner latent" in (
+        done.stderr)  # fmt: skip
+    assert not (tmp_path / "x").exists()
+    done = _cli("ppo", "--quick", "--init-from", phase1, "--fine-tune", "encoder")
+    assert done.returncode == 2 and "fine_tune must list some of" in done.stderr

@@ -349,6 +349,24 @@ def _run_cartpole(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 # --------------------------------------------------------------------------- dmc
 
 
+def _add_config_options(
+    parser: argparse.ArgumentParser, config: type, choices: dict[str, Sequence[str]]
+) -> None:
+    """An option per field of the dataclass ``config`` (``--field-name``, its type, its help
+    and default); None where not given, so that the config's defaults apply."""
+    for f in dataclasses.fields(config):
+        flag = "--" + f.name.replace("_", "-")
+        text = f.metadata["help"] + f" (default: {f.default})"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=text)  # fmt: skip
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        parser.add_argument(flag, type=kind, default=None, choices=choices.get(f.name),
+                            metavar=f.name.upper() if f.name not in choices else None,
+                            help=text)  # fmt: skip
+
+
 def _add_dmc(parser: argparse.ArgumentParser) -> None:
     from dcem.experiments import dmc_config as dmc  # the options alone: no torch import
 
@@ -365,18 +383,23 @@ def _add_dmc(parser: argparse.ArgumentParser) -> None:
                        "row to OUT/tensorboard (needs the tensorboard package)")  # fmt: skip
     train.add_argument("--verbose", action="store_true", help="show dm_control's and "
                        "MuJoCo's own log lines")  # fmt: skip
-    for f in dataclasses.fields(dmc.DMCConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            train.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                               help=f.metadata["help"] + f" (default: {f.default})")  # fmt: skip
-            continue
-        kind = {"int": int, "float": float}.get(str(f.type), str)
-        choices = {"task": sorted(dmc.TASKS), "planner": dmc.PLANNERS,
-                   "dcem_backward": dmc.BACKWARDS}.get(f.name)  # fmt: skip
-        train.add_argument(flag, type=kind, default=None, choices=choices,
-                           metavar=f.name.upper() if choices is None else None,
-                           help=f.metadata["help"] + f" (default: {f.default})")  # fmt: skip
+    choices = {"task": sorted(dmc.TASKS), "planner": dmc.PLANNERS,
+               "dcem_backward": dmc.BACKWARDS}  # fmt: skip
+    _add_config_options(train, dmc.DMCConfig, choices)
+    from dcem.experiments import ppo_config
+
+    ppo = sub.add_parser("ppo", help="PPO into a phase-2 run's latent-DCEM controller (phase 3)")
+    ppo.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run folder (resumed if it holds an "
+        "unfinished run of the same config; default: runs/ppo/PHASE2-seedN[-quick])",
+    )
+    ppo.add_argument("--quick", action="store_true", help="tiny budget exercising every step")
+    ppo.add_argument("--threads", type=_positive_int, default=None,
+                     help="torch threads (default: torch's, one per core)")  # fmt: skip
+    _add_config_options(ppo, ppo_config.PPOConfig, {"dcem_backward": dmc.BACKWARDS})
     evaluate = sub.add_parser("eval", help="evaluate a run's latest checkpoint; returns to JSON")
     evaluate.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="run folder(s)")
     evaluate.add_argument("--episodes", type=_positive_int, default=10, help="evaluation "
@@ -514,6 +537,8 @@ def _run_dmc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             log.info("wrote %s", dmc.plot_eval(dmc.eval_records(args.runs), args.plot))
         print(json.dumps(records if len(records) > 1 else records[0], indent=2))
         return 0
+    if args.dmc_command == "ppo":
+        return _run_ppo(args, parser)
     try:
         cfg = _dmc_config(args)
     except ValueError as err:
@@ -542,6 +567,37 @@ def _run_dmc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "final evaluation return %s after %d env steps (%.0f s); results in %s",
         summary["final_eval_return"], summary["env_steps"], summary["wall_seconds"], out,
     )  # fmt: skip
+    return 0
+
+
+def _run_ppo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from dcem.experiments import common, ppo, ppo_config
+
+    values: dict[str, Any] = dict(ppo_config.QUICK) if args.quick else {}
+    for f in dataclasses.fields(ppo_config.PPOConfig):
+        if getattr(args, f.name, None) is not None:
+            values[f.name] = getattr(args, f.name)
+    try:
+        cfg = ppo_config.PPOConfig(**values)
+    except ValueError as err:
+        parser.error(f"invalid options: {err}")
+    name = Path(cfg.init_from).name or "run"
+    out = args.out or Path(f"runs/ppo/{name}-seed{cfg.seed}" + ("-quick" if args.quick else ""))
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        summary = ppo.train(cfg, out)
+    except (common.RunFolderError, common.FolderLockedError, common.CheckpointError,
+            ValueError) as err:  # fmt: skip
+        where = "--init-from" if str(err).startswith("init_from") else "--out"
+        parser.error(f"argument {where}: {err}")
+    except OSError as err:
+        parser.error(f"argument --out: cannot write the run folder {out}: {err}")
+    log.info("evaluation return %.1f before PPO, %.1f after %d PPO steps; results in %s",
+             summary["eval_return_before"], summary["eval_return_after"], summary["ppo_steps"],
+             out)  # fmt: skip
     return 0
 
 

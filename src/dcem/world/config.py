@@ -12,13 +12,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BACKWARDS", "PLANNERS", "AgentConfig"]
+__all__ = ["BACKWARDS", "PARTS", "PLANNERS", "AgentConfig"]
 
 PLANNERS = ("cem", "latent")
 """``cem``: CEM over the full action sequence (phase 1); ``latent``: latent DCEM over a
 learned action decoder (phase 2)."""
 BACKWARDS = ("full", "checkpoint", "pruned")
 """Backward modes of ``dcem.dcem`` for the decoder update."""
+PARTS = ("reward", "transition", "decoder")
+"""The parts of the latent-DCEM controller that phase 3 (PPO) may fine-tune."""
 
 
 def _doc(text: str) -> Any:

@@ -29,13 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from dcem.optim import Backward
+from dcem.world.config import PARTS
 from dcem.world.latent import ActionDecoder, latent_policy
 from dcem.world.rssm import RSSM, State
 
 __all__ = ["PARTS", "DCEMPolicy", "clipped_surrogate", "gae"]
-
-PARTS = ("reward", "transition", "decoder")
-"""The controller's parts that phase 3 may fine-tune."""
 
 
 def gae(
