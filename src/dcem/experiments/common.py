@@ -145,6 +145,16 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
+def save_png(fig: Any, path: str | os.PathLike[str], dpi: int = 100) -> Path:
+    """Write the matplotlib figure ``fig`` to ``path`` as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
 def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> None:
     """Save ``state`` (tensors, numbers, strings, lists and dicts of them) atomically.
 

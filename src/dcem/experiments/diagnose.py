@@ -292,10 +292,7 @@ def plot(record: dict[str, Any], arrays: dict[str, np.ndarray], path: Path) -> P
         f"({record['episodes']} held-out episodes, {record['policy']} policy)"
     )
     fig.tight_layout()
-    with common.atomic_open(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=90)
-    plt.close(fig)
-    return Path(path)
+    return common.save_png(fig, path, dpi=90)
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -660,6 +660,12 @@ def evaluate(
     workers = min(workers, episodes)
     start = time.perf_counter()
     results: dict[int, tuple[float, dict[str, Any]]] = {}
+    trained: list[int] = []  # env steps of the checkpoint each job evaluated
+
+    def gather(job: dict[str, Any]) -> None:
+        results.update(job["episodes"])
+        trained.append(job["env_step"])
+
     # a bar on a terminal, otherwise a log line per episode
     with common.RunProgress({str(i): 0 for i in range(episodes)}, episodes, show_progress,
                             experiment=f"eval {out} {planner}", unit="episodes done",
@@ -667,21 +673,25 @@ def evaluate(
                             log_every=0.0) as advance:  # fmt: skip
         chunks = [(out, device, planner, sizes, tuple(range(w, episodes, workers)),
                    1 if workers > 1 else None) for w in range(workers)]  # fmt: skip
-        common.run_jobs(_eval_job, chunks, workers, advance,
-                        lambda r: results.update(r["episodes"]))  # fmt: skip
+        common.run_jobs(_eval_job, chunks, workers, advance, gather)
     returns = [results[i][0] for i in range(episodes)]
-    agent, env = _restore_agent(cfg, path)  # for the counters, the sizes and the video
-    try:
-        _set_planner(agent, planner, sizes)
-        if video:
+    if video:
+        agent, env = _restore_agent(cfg, path)
+        try:
+            _set_planner(agent, planner, sizes)
             write_video(agent, env, Path(out) / f"eval-{planner}.gif")
-    finally:
-        env.close()
-    n_sample, _, n_iter = agent.latent_sizes if planner == "latent" else agent.cem_sizes
+        finally:
+            env.close()
+    if sizes is not None:
+        n_sample, n_iter = sizes[0], sizes[2]
+    elif planner == "latent":
+        n_sample, n_iter = cfg.latent_samples, cfg.latent_iter
+    else:
+        n_sample, n_iter = cfg.plan_samples, cfg.plan_iter
     median, lo, hi = common.median_ci95(returns)
     record = {
         "run": str(out), "task": cfg.task, "planner": planner,
-        "env_steps_trained": agent.counters["env_step"], "episodes": episodes,
+        "env_steps_trained": trained[0], "episodes": episodes,
         "candidates": n_sample, "iterations": n_iter,
         "trajectories_per_decision": n_sample * n_iter,
         "returns": returns, "mean": float(np.mean(returns)), "std": float(np.std(returns)),
@@ -704,7 +714,8 @@ def _eval_job(
     episodes: tuple[int, ...], threads: int | None, *, progress: common.ProgressFn,
 ) -> dict[str, Any]:  # fmt: skip
     """Evaluation episodes ``episodes`` of the run in ``out`` (one job of :func:`evaluate`,
-    in this process or a worker): ``{"episodes": {index: (return, plan statistics)}}``."""
+    in this process or a worker): ``{"episodes": {index: (return, plan statistics)},
+    "env_step": the checkpoint's env steps}``."""
     if threads is not None:
         torch.set_num_threads(threads)
     cfg = load_config(out, device=device)
@@ -719,7 +730,7 @@ def _eval_job(
             progress(str(i), 1)
     finally:
         env.close()
-    return {"episodes": done}
+    return {"episodes": done, "env_step": agent.counters["env_step"]}
 
 
 def compare_plans(out: Path, *, states: int = 12, seed: int = 0) -> dict[str, Any]:
@@ -800,10 +811,7 @@ def plot_eval(records: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.set_ylabel("Reward")
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    with common.atomic_open(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return common.save_png(fig, path, dpi=100)
 
 
 # --------------------------------------------------------------------------- figure
@@ -865,10 +873,7 @@ def plot(out: Path) -> Path:
                  f"{cfg.trajectories_per_decision():,} trajectories per decision)")  # fmt: skip
     fig.tight_layout()
     path = Path(out) / "training.png"
-    with common.atomic_open(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return common.save_png(fig, path, dpi=100)
 
 
 def known_tasks() -> str:

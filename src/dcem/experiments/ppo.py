@@ -130,9 +130,7 @@ def episode(run: Run, seed: int, generator: torch.Generator, explore: bool) -> d
     while not done:
         obs_t = torch.as_tensor(obs, device=run.device)[None]
         belief = model.belief(belief, action[None], obs_t, generator=generator)
-        d = policy.act(belief, generator)
-        if not explore:
-            d["action"] = policy.mean(belief, d["seed"])
+        d = policy.act(belief, generator, explore=explore)
         action = torch.maximum(torch.minimum(d["action"][0], run.high), run.low)
         obs, reward, done = run.env.step(action.cpu().numpy().astype(np.float32))
         steps.append({**d, "belief": belief, "reward": reward})
@@ -357,7 +355,4 @@ def plot(out: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(out) / "ppo.png"
-    with common.atomic_open(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return common.save_png(fig, path, dpi=100)

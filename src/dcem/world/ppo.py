@@ -161,7 +161,9 @@ class DCEMPolicy(nn.Module):
 
     def noise(self, seeds: Tensor) -> Tensor:
         """DCEM's draws ``(n_iter, B, n_sample, latent_dim)`` for decisions with ``seeds``
-        ``(B,)``: each decision's own stream, whatever the batch."""
+        ``(B,)``: each decision's own stream, whatever the batch. (A generator per decision:
+        torch has no public batched counter-based generator; the draws are small, ``n_iter *
+        n_sample * latent_dim`` numbers each.)"""
         n_sample, _, n_iter = self.sizes
         device = _device(self.decoder)
         draws = [torch.randn((n_iter, n_sample, self.decoder.latent_dim), device=device,
@@ -183,8 +185,10 @@ class DCEMPolicy(nn.Module):
         return torch.distributions.Normal(mean, self.log_std.exp()).log_prob(actions).sum(-1)
 
     @torch.no_grad()
-    def act(self, state: State, generator: torch.Generator) -> dict[str, Tensor]:
-        """Sample actions for belief states ``state (B)``.
+    def act(
+        self, state: State, generator: torch.Generator, *, explore: bool = True
+    ) -> dict[str, Tensor]:
+        """Sample actions for belief states ``state (B)`` (``explore=False``: the mean).
 
         Returns ``seed (B,)`` (int64, the DCEM draws), ``action (B, a)`` (the sample, before
         any clipping to the bounds: clip it to step the environment), ``logp (B,)`` and
@@ -193,9 +197,10 @@ class DCEMPolicy(nn.Module):
         batch = state.deter.shape[0]
         device = state.deter.device
         seeds = torch.randint(0, 2**62, (batch,), generator=generator, device=device)
-        mean = self.mean(state, seeds)
-        noise = torch.randn(mean.shape, generator=generator, device=device)
-        action = mean + self.log_std.exp() * noise
+        mean = action = self.mean(state, seeds)
+        if explore:
+            noise = torch.randn(mean.shape, generator=generator, device=device)
+            action = mean + self.log_std.exp() * noise
         return {"seed": seeds, "action": action, "logp": self.log_prob(mean, action),
                 "value": self.value(self.features(state))[..., 0]}  # fmt: skip
 
