@@ -202,20 +202,20 @@ def test_mean_ci95_matches_scipy_t_interval(n: int) -> None:
         assert mean[j] + half[j] == pytest.approx(high, rel=1e-9)
 
 
-def test_median_ci95_matches_scipy_percentile_bootstrap() -> None:
+def test_bootstrap_ci95_matches_scipy_percentile_bootstrap() -> None:
     """Same estimator as scipy.stats.bootstrap(method="percentile"), other random draws: the
     ends agree to within the resampling noise (a few hundredths of a standard deviation)."""
     values = np.random.default_rng(3).normal(10.0, 2.0, size=40)
-    median, lo, hi = common.median_ci95(values)
+    median, lo, hi = common.bootstrap_ci95(values)
     ref = stats.bootstrap((values,), np.median, n_resamples=20_000, method="percentile",
                           random_state=np.random.default_rng(4)).confidence_interval  # fmt: skip
     assert median == np.median(values)
     assert lo == pytest.approx(ref.low, abs=0.15) and hi == pytest.approx(ref.high, abs=0.15)
     assert lo < median < hi and hi - lo > 0.5  # a real interval, not a point
-    assert common.median_ci95(values) == (median, lo, hi)  # seeded: reproducible
-    assert common.median_ci95([7.0]) == (7.0, 7.0, 7.0)
+    assert common.bootstrap_ci95(values) == (median, lo, hi)  # seeded: reproducible
+    assert common.bootstrap_ci95([7.0]) == (7.0, 7.0, 7.0)
     with pytest.raises(ValueError, match="non-empty 1-D"):
-        common.median_ci95([])
+        common.bootstrap_ci95([])
 
 
 def test_mean_ci95_other_axis_single_value_and_bad_input() -> None:

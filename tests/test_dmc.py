@@ -44,7 +44,8 @@ def _rows(out: Path) -> list[dict[str, str]]:
 
 
 def _without_time(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in rows]
+    """Rows without what depends on the machine's load (seconds, peak memory)."""
+    return [{k: v for k, v in r.items() if not k.endswith(("_seconds", "_mb"))} for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -552,6 +553,16 @@ def test_ppo_quick_run_resumes_after_a_kill_to_the_rows_of_an_uninterrupted_run(
     assert summary["eval_return_before"] == pytest.approx(float(rows[0]["return"]))
     # before and after are the same evaluation episodes (paired): as many, from the same starts
     assert len(summary["eval_returns_before"]) == len(summary["eval_returns_after"]) == 1
+    # dcem dmc eval takes a PPO run like any other: figure 4's third row, on the same episodes
+    plot = tmp_path / "box.png"
+    done = _cli("eval", whole, "--episodes", "2", "--workers", "2", "--plot", plot)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["planner"] == "ppo" and len(record["returns"]) == 2
+    assert record["returns"][0] == pytest.approx(summary["eval_returns_after"][0], abs=0.006)
+    assert plot.read_bytes().startswith(b"\x89PNG") and (whole / "eval" / "ppo-10x2.json").exists()
+    done = _cli("eval", whole, "--episodes", "1", "--planner", "cem")
+    assert done.returncode == 2 and "PPO run" in done.stderr, done.stderr
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "dcem", "dmc", "ppo", "--quick", "--init-from", str(phase2),
                "--out", str(killed)]  # fmt: skip
@@ -575,3 +586,68 @@ def test_ppo_refuses_a_phase_one_run_and_bad_parts(phase1: Path, tmp_path: Path)
     assert not (tmp_path / "x").exists()
     done = _cli("ppo", "--quick", "--init-from", phase1, "--fine-tune", "encoder")
     assert done.returncode == 2 and "fine_tune must list some of" in done.stderr
+
+
+def test_episode_plan_statistics_of_a_fixed_plan_equal_a_hand_count() -> None:
+    """Saturation share and imagined-vs-real gap of a fixed plan, counted by hand."""
+    from types import SimpleNamespace
+
+    horizon, plan = 3, [1.0, -0.99, 0.5, 0.96, -0.2]  # |a| > 0.95 for 3 of 5
+    env = make_env(TASK, episode_steps=80)  # cartpole repeats 8: 10 agent steps, 1-dim action
+    paid: list[float] = []
+    step = env.step
+
+    def recording_step(action):
+        obs, reward, done = step(action)
+        paid.append(reward)
+        return obs, reward, done
+
+    env.step = recording_step  # type: ignore[method-assign]
+
+    class Fixed:
+        cfg = SimpleNamespace(horizon=horizon)
+        device = torch.device("cpu")
+        generator = torch.Generator()
+        model = SimpleNamespace(initial_state=lambda shape: None)
+        last_imagined_return: torch.Tensor | None = None
+        t = 0
+
+        def act(self, belief, action, obs, explore, generator):
+            self.last_imagined_return = torch.tensor(10.0 * self.t + 1.5)  # what the model says
+            a = torch.tensor([plan[self.t % len(plan)]])
+            self.t += 1
+            return belief, a
+
+    stats: dict[str, float] = {}
+    total = dmc.run_episode(Fixed(), env, mode="eval", seed=0, plans=stats)  # type: ignore[arg-type]
+    n_steps = len(paid)
+    assert n_steps == 10 and total == pytest.approx(sum(paid))
+    saturated = sum(abs(plan[t % 5]) > 0.95 for t in range(n_steps))
+    assert stats["saturated_fraction"] == saturated / n_steps == 6 / 10
+    decisions = range(n_steps - horizon + 1)  # those with H steps left
+    assert stats["plan_imagined"] == pytest.approx(sum(10.0 * t + 1.5 for t in decisions) / 8)
+    real = [sum(paid[t : t + horizon]) for t in decisions]
+    assert stats["plan_real"] == pytest.approx(sum(real) / len(real))
+    env.close()
+
+
+def test_ppo_summary_pairs_the_evaluations_before_and_after(tmp_path: Path) -> None:
+    """The paired difference and its Student-t interval, computed by hand with scipy."""
+    from scipy import stats
+
+    from dcem.experiments import ppo
+
+    before, after = [10.0, 12.0, 9.0, 15.0], [11.0, 15.0, 8.5, 19.0]
+    rows = [{"ppo_step": 0, "phase": "eval", "return": np.mean(before),
+             "eval_returns": " ".join(map(str, before))},
+            {"ppo_step": 0, "phase": "train", "return": 3.0},
+            {"ppo_step": 1, "phase": "eval", "return": np.mean(after),
+             "eval_returns": " ".join(map(str, after))}]  # fmt: skip
+    common.append_csv(tmp_path / "metrics.csv", ppo.METRIC_FIELDS, rows)
+    summary = ppo._summary(tmp_path)
+    diff = np.subtract(after, before)
+    lo, hi = stats.t.interval(0.95, len(diff) - 1, loc=diff.mean(), scale=stats.sem(diff))
+    assert summary["paired_difference"] == pytest.approx(1.875)
+    assert summary["paired_difference_t95"] == pytest.approx([lo, hi], rel=1e-6)
+    b_lo, b_hi = summary["paired_difference_bootstrap95"]
+    assert min(diff) <= b_lo < 1.875 < b_hi <= max(diff)

@@ -517,8 +517,21 @@ def _run_dmc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if any(v is not None for v in sizes) and None in sizes:
             parser.error("arguments --plan-samples, --plan-elites, --plan-iter: give all three "
                          "or none")  # fmt: skip
-        records = []
+        from dcem.experiments import ppo
+
+        records: list[dict[str, Any]] = []
         for run in args.runs:
+            if ppo.is_run(run):  # the PPO-tuned controller: figure 4's third row
+                if args.planner is not None or None not in sizes:
+                    parser.error(f"arguments --planner, --plan-*: {run} is a PPO run, which "
+                                 "acts with its own latent-DCEM controller")  # fmt: skip
+                try:
+                    record = ppo.evaluate_run(run, episodes=args.episodes, device=args.device,
+                                              workers=args.workers)  # fmt: skip
+                except (dmc.RunFolderError, common.CheckpointError, ValueError) as err:
+                    parser.error(f"argument RUN_DIR: {err}")
+                records.append(record)
+                continue
             for planner in args.planner or (None,):
                 try:
                     record = dmc.evaluate(
@@ -528,11 +541,12 @@ def _run_dmc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     )  # fmt: skip
                 except (dmc.RunFolderError, common.CheckpointError, ValueError) as err:
                     parser.error(f"argument RUN_DIR: {err}")
-                log.info("%s %s (%d trajectories per decision): mean return %.1f, median %.1f "
-                         "(95%% CI %.1f to %.1f) over %d episodes", run, record["planner"],
-                         record["trajectories_per_decision"], record["mean"], record["median"],
-                         *record["median_ci95"], record["episodes"])  # fmt: skip
                 records.append(record)
+        for record in records:
+            log.info("%s %s (%d trajectories per decision): mean return %.1f, median %.1f "
+                     "(95%% CI %.1f to %.1f) over %d episodes", record["run"], record["planner"],
+                     record["trajectories_per_decision"], record["mean"], record["median"],
+                     *record["median_ci95"], record["episodes"])  # fmt: skip
         if args.plot is not None:
             log.info("wrote %s", dmc.plot_eval(dmc.eval_records(args.runs), args.plot))
         print(json.dumps(records if len(records) > 1 else records[0], indent=2))

@@ -58,6 +58,7 @@ __all__ = [
     "append_csv",
     "atomic_open",
     "atomic_write_json",
+    "bootstrap_ci95",
     "atomic_write_text",
     "check_out_folder",
     "checkpointed",
@@ -384,18 +385,21 @@ def mean_ci95(values: Any, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.asarray(half)
 
 
-def median_ci95(values: Any, n_boot: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
-    """Median of ``values`` (1-D) and its percentile-bootstrap 95% interval ``(lo, hi)``:
-    the 2.5% and 97.5% quantiles of the medians of ``n_boot`` resamples with replacement,
-    drawn from a NumPy generator seeded with ``seed`` (the same values give the same
-    interval). With a single value the interval is that value."""
+def bootstrap_ci95(
+    values: Any, statistic: Callable[..., Any] = np.median, n_boot: int = 10_000, seed: int = 0
+) -> tuple[float, float, float]:
+    """``statistic`` of ``values`` (1-D; default the median) and its percentile-bootstrap 95%
+    interval ``(lo, hi)``: the 2.5% and 97.5% quantiles of the statistic over ``n_boot``
+    resamples with replacement, drawn from a NumPy generator seeded with ``seed`` (the same
+    values give the same interval). ``statistic(x, axis=1)`` must reduce each row of ``x``
+    (``np.median``, ``np.mean``). With a single value the interval is that value."""
     arr = np.asarray(values, dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"values must be a non-empty 1-D sequence, got shape {arr.shape}")
     rng = np.random.default_rng(seed)
-    medians = np.median(arr[rng.integers(0, arr.size, size=(n_boot, arr.size))], axis=1)
-    lo, hi = np.quantile(medians, [0.025, 0.975])
-    return float(np.median(arr)), float(lo), float(hi)
+    stats = statistic(arr[rng.integers(0, arr.size, size=(n_boot, arr.size))], axis=1)
+    lo, hi = np.quantile(stats, [0.025, 0.975])
+    return float(statistic(arr)), float(lo), float(hi)
 
 
 # --------------------------------------------------------------------------- run folders and jobs

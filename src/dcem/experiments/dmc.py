@@ -688,7 +688,7 @@ def evaluate(
         n_sample, n_iter = cfg.latent_samples, cfg.latent_iter
     else:
         n_sample, n_iter = cfg.plan_samples, cfg.plan_iter
-    median, lo, hi = common.median_ci95(returns)
+    median, lo, hi = common.bootstrap_ci95(returns)
     record = {
         "run": str(out), "task": cfg.task, "planner": planner,
         "env_steps_trained": trained[0], "episodes": episodes,
@@ -799,7 +799,7 @@ def plot_eval(records: Sequence[dict[str, Any]], path: Path) -> Path:
 
     tasks = sorted({r["task"] for r in records})
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
-    names = {"cem": "Full CEM", "latent": "Latent DCEM"}
+    names = {"cem": "Full CEM", "latent": "Latent DCEM", "ppo": "DCEM + PPO"}
     for ax, task in zip(axes[0], tasks, strict=True):
         group = [r for r in records if r["task"] == task]
         ax.boxplot([r["returns"] for r in group], widths=0.5)

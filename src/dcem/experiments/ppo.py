@@ -11,7 +11,9 @@ the phase-2 run's own evaluation episodes (same seeds: before/after comparisons 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -34,12 +36,14 @@ CKPT_VERSION = 1
 METRIC_FIELDS = [
     "ppo_step", "phase", "return", "return_std", "eval_returns", "policy_loss", "value_loss",
     "ratio_first_max_dev", "ratio_mean", "ratio_min", "ratio_max", "clip_fraction",
-    "approx_kl", "std", "env_steps", "episode_seconds", "update_seconds", "wall_seconds",
+    "approx_kl", "std", "env_steps", "episode_seconds", "update_seconds", "peak_memory_mb",
+    "wall_seconds",
 ]  # fmt: skip
 """Train rows: one per PPO step (``return``: mean of its episodes; the ratio statistics over
 its minibatches; ``ratio_first_max_dev``: max ``|ratio - 1|`` of the first minibatch, before
-any gradient step: 0 up to rounding). Eval rows: ``return`` mean, ``return_std``, each
-episode's return in ``eval_returns``."""
+any gradient step: 0 up to rounding; ``peak_memory_mb``: on CUDA the allocator's peak during
+the update, otherwise the process's peak resident memory so far). Eval rows: ``return``
+mean, ``return_std``, each episode's return in ``eval_returns``."""
 TRAIN_STREAM, VALUE_STREAM, EVAL_STREAM = 11, 12, dmc.EVAL_STREAM
 
 
@@ -145,12 +149,111 @@ def episode(run: Run, seed: int, generator: torch.Generator, explore: bool) -> d
     }
 
 
+def _eval_episode(run: Run, i: int) -> dict[str, Any]:
+    """Noise-free evaluation episode ``i``: the seeds ``dcem dmc eval`` gives its episode ``i``
+    on the phase-2 run, so PPO's returns pair with the latent planner's episode by episode."""
+    seed = run.base.seed
+    gen = torch.Generator(run.device).manual_seed(dmc._seed(seed, EVAL_STREAM, i))
+    return episode(run, dmc._seed(seed, EVAL_STREAM, i, 1), gen, explore=False)
+
+
 def evaluate(run: Run) -> list[float]:
     """Returns of the noise-free controller on the phase-2 run's evaluation episodes."""
-    seed = run.base.seed
-    return [episode(run, dmc._seed(seed, EVAL_STREAM, i, 1),
-                    torch.Generator(run.device).manual_seed(dmc._seed(seed, EVAL_STREAM, i)),
-                    explore=False)["return"] for i in range(run.cfg.eval_episodes)]  # fmt: skip
+    return [_eval_episode(run, i)["return"] for i in range(run.cfg.eval_episodes)]
+
+
+def load_run(out: Path, device: str = "cpu") -> Run:
+    """The PPO run in ``out`` at its latest checkpoint (errors name the folder)."""
+    path = Path(out) / "config.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise common.RunFolderError(f"{out} has no readable config.json ({err})") from None
+    if not isinstance(record, dict) or record.get("experiment") != EXPERIMENT:
+        raise common.RunFolderError(f"{out} is not a dcem dmc ppo run folder")
+    known = {f.name for f in dataclasses.fields(PPOConfig)}
+    cfg = PPOConfig(**{k: v for k, v in record["config"].items() if k in known}, device=device)
+    run = Run(cfg)
+    ckpt = Path(out) / "ckpt" / "latest.pt"
+    if not ckpt.exists():
+        run.env.close()
+        raise common.RunFolderError(f"{out} has no checkpoint to evaluate (ckpt/latest.pt)")
+    run.load_state_dict(common.load_checkpoint(ckpt), ckpt)
+    return run
+
+
+def is_run(out: Path) -> bool:
+    """Whether ``out/config.json`` records a ``dcem dmc ppo`` run."""
+    try:
+        record = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("experiment") == EXPERIMENT
+
+
+def evaluate_run(
+    out: Path, *, episodes: int, device: str = "cpu", workers: int = 1,
+    show_progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Evaluate the latest checkpoint of the PPO run in ``out`` like ``dcem dmc eval`` a
+    phase-2 run: noise-free episodes ``0..episodes-1`` with that run's seeds, in ``workers``
+    processes. Returns the record also written to ``eval/ppo-{candidates}x{iterations}.json``
+    (the fields of :func:`dcem.experiments.dmc.evaluate`'s record, planner ``"ppo"``)."""
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    run = load_run(out, device)  # refuses a wrong folder before any worker starts
+    base, steps = run.base, run.counters["ppo_step"]
+    run.env.close()
+    workers = min(workers, episodes)
+    start = time.perf_counter()
+    results: dict[int, tuple[float, float]] = {}
+    with common.RunProgress({str(i): 0 for i in range(episodes)}, episodes, show_progress,
+                            experiment=f"eval {out} ppo", unit="episodes done", bar_unit="ep",
+                            job_noun="episodes", logger=log, log_every=0.0) as advance:  # fmt: skip
+        chunks = [(out, device, tuple(range(w, episodes, workers)), 1 if workers > 1 else None)
+                  for w in range(workers)]  # fmt: skip
+        common.run_jobs(_eval_job, chunks, workers, advance,
+                        lambda job: results.update(job["episodes"]))  # fmt: skip
+    returns = [results[i][0] for i in range(episodes)]
+    median, lo, hi = common.bootstrap_ci95(returns)
+    record = {
+        "run": str(out), "task": base.task, "planner": "ppo", "ppo_steps": steps,
+        "episodes": episodes, "candidates": base.latent_samples, "iterations": base.latent_iter,
+        "trajectories_per_decision": base.latent_samples * base.latent_iter,
+        "returns": returns, "mean": float(np.mean(returns)), "std": float(np.std(returns)),
+        "median": median, "median_ci95": [lo, hi],
+        "saturated_fraction": float(np.mean([results[i][1] for i in range(episodes)])),
+        "workers": workers, "seconds": round(time.perf_counter() - start, 1),
+    }  # fmt: skip
+    name = f"ppo-{base.latent_samples}x{base.latent_iter}.json"
+    common.atomic_write_json(Path(out) / "eval" / name, record)
+    return record
+
+
+def _eval_job(
+    out: Path, device: str, episodes: tuple[int, ...], threads: int | None, *,
+    progress: common.ProgressFn,
+) -> dict[str, Any]:  # fmt: skip
+    """Episodes ``episodes`` of :func:`evaluate_run` (in this process or a worker):
+    ``{"episodes": {index: (return, share of action components in the outer 2.5% of their
+    range at either end)}}``."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    run = load_run(out, device)
+    try:
+        done = {}
+        for i in episodes:
+            ep = _eval_episode(run, i)
+            mid, half = 0.5 * (run.high + run.low), 0.5 * (run.high - run.low)
+            clipped = torch.maximum(torch.minimum(ep["action"], run.high), run.low)
+            share = float(((clipped - mid).abs() > 0.95 * half).double().mean())
+            done[i] = (ep["return"], share)
+            progress(str(i), 1)
+    finally:
+        run.env.close()
+    return {"episodes": done}
 
 
 # --------------------------------------------------------------------------- one PPO step
@@ -181,6 +284,9 @@ def ppo_step(run: Run) -> dict[str, Any]:
     first_dev = None
     tick = time.perf_counter()
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    cuda = run.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(run.device)
     for _ in range(cfg.passes):
         order = torch.randperm(n, generator=run.generator, device=run.device)
         for idx in order.split(cfg.minibatch):
@@ -199,6 +305,8 @@ def ppo_step(run: Run) -> dict[str, Any]:
             stats.append(s)
             losses.append((float(policy_loss), float(value_loss)))
     update = time.perf_counter() - tick
+    peak = (torch.cuda.max_memory_allocated(run.device) / 2**20 if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
     c["env_steps"] += cfg.episodes_per_step * run.env.steps  # episodes of one length
     returns = [e["return"] for e in eps]
     row = {
@@ -211,7 +319,7 @@ def ppo_step(run: Run) -> dict[str, Any]:
         "ratio_max": max(s["ratio_max"] for s in stats),
         "std": float(run.policy.log_std.exp().mean()), "env_steps": c["env_steps"],
         "episode_seconds": round(collect / cfg.episodes_per_step, 2),
-        "update_seconds": round(update, 2),
+        "update_seconds": round(update, 2), "peak_memory_mb": round(peak, 1),
     }  # fmt: skip
     c["ppo_step"] += 1
     return row
@@ -308,14 +416,25 @@ def _summary(out: Path) -> dict[str, Any]:
     rows = common.read_csv(out / "metrics.csv")
     evals = [r for r in rows if r["phase"] == "eval"]
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
-    return {
+    before = [float(x) for x in first.get("eval_returns", "").split()]
+    after = [float(x) for x in last.get("eval_returns", "").split()]
+    summary = {
         "experiment": EXPERIMENT,
         "ppo_steps": int(rows[-1]["ppo_step"]) if rows else 0,
         "eval_return_before": float(first["return"]) if first else None,
         "eval_return_after": float(last["return"]) if last else None,
-        "eval_returns_before": [float(x) for x in first.get("eval_returns", "").split()],
-        "eval_returns_after": [float(x) for x in last.get("eval_returns", "").split()],
+        "eval_returns_before": before,
+        "eval_returns_after": after,
     }
+    if len(evals) > 1 and len(before) == len(after) > 1:
+        # the evaluations replay the same episode seeds: after - before, episode by episode
+        diff = np.asarray(after) - np.asarray(before)
+        mean, half = common.mean_ci95(diff)
+        _, lo, hi = common.bootstrap_ci95(diff, np.mean)
+        summary["paired_difference"] = float(mean)
+        summary["paired_difference_t95"] = [float(mean - half), float(mean + half)]
+        summary["paired_difference_bootstrap95"] = [lo, hi]
+    return summary
 
 
 def plot(out: Path) -> Path:
