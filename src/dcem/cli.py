@@ -125,6 +125,11 @@ def _add_run_options(parser: argparse.ArgumentParser, job: str) -> None:
         "--workers", type=_positive_int, default=2, help=f"parallel {job} processes (default: 2)"
     )
     parser.add_argument(
+        "--address", default=None, metavar="local|auto|HOST:PORT", help=f"run the {job}s on "
+        "a Ray cluster: local (started here with --workers CPUs), auto or HOST:PORT (join a "
+        "running one); needs pip install 'dcem[ray]' (default: local processes, no Ray)",
+    )  # fmt: skip
+    parser.add_argument(
         "--overwrite", action="store_true", help="delete the dcem run in --out first (a "
         "folder whose config.json names a dcem experiment; others are refused)"
     )  # fmt: skip
@@ -173,7 +178,8 @@ def _run_regression(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             cfg.eval_every, cfg.n_updates,
         )  # fmt: skip
     with _run_errors(parser):
-        summary = regression.run(cfg, out, workers=args.workers, overwrite=args.overwrite)
+        summary = regression.run(cfg, out, workers=args.workers, overwrite=args.overwrite,
+                                 address=args.address)  # fmt: skip
     for method in cfg.methods:
         log.info(
             "%s: final train MSE %.3g (mean over %d seeds), %.2f ms/update",
@@ -334,7 +340,8 @@ def _run_cartpole(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     except ValueError as err:
         parser.error(f"invalid options: {err}")
     with _run_errors(parser):
-        summary = cartpole.run(cfg, out, workers=args.workers, overwrite=args.overwrite)
+        summary = cartpole.run(cfg, out, workers=args.workers, overwrite=args.overwrite,
+                               address=args.address)  # fmt: skip
     log.info("expert reward %.3f (mean over the validation set)", summary["expert_reward"])
     for group in summary["improvement_factor"]:
         log.info(
@@ -463,6 +470,16 @@ def _dmc_config(args: argparse.Namespace) -> Any:
     return dmc.DMCConfig(**values)
 
 
+def _ppo_config(args: argparse.Namespace) -> Any:
+    from dcem.experiments import ppo_config
+
+    values: dict[str, Any] = dict(ppo_config.QUICK) if args.quick else {}
+    for f in dataclasses.fields(ppo_config.PPOConfig):
+        if getattr(args, f.name, None) is not None:
+            values[f.name] = getattr(args, f.name)
+    return ppo_config.PPOConfig(**values)
+
+
 def _choose_gl_backend() -> None:
     """Set ``MUJOCO_GL`` for offscreen rendering when the user has not: EGL, else OSMesa.
 
@@ -585,14 +602,10 @@ def _run_dmc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _run_ppo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from dcem.experiments import common, ppo, ppo_config
+    from dcem.experiments import common, ppo
 
-    values: dict[str, Any] = dict(ppo_config.QUICK) if args.quick else {}
-    for f in dataclasses.fields(ppo_config.PPOConfig):
-        if getattr(args, f.name, None) is not None:
-            values[f.name] = getattr(args, f.name)
     try:
-        cfg = ppo_config.PPOConfig(**values)
+        cfg = _ppo_config(args)
     except ValueError as err:
         parser.error(f"invalid options: {err}")
     name = Path(cfg.init_from).name or "run"
@@ -613,6 +626,95 @@ def _run_ppo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
              summary["eval_return_before"], summary["eval_return_after"], summary["ppo_steps"],
              out)  # fmt: skip
     return 0
+
+
+# --------------------------------------------------------------------------- sweep
+
+_SWEEP_LISTS = {"cartpole": ("latent-dims", "taus"), "regression": ("methods",)}
+
+
+def _add_sweep(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", choices=("dmc", "ppo", "cartpole", "regression"),
+                        help="dmc: runs of dcem dmc train, one folder each; ppo: of dcem dmc "
+                        "ppo; cartpole, regression: that experiment's own grid in one folder, "
+                        "its jobs on the same engine")  # fmt: skip
+    parser.add_argument("--out", type=Path, required=True, help="sweep folder (the same "
+                        "command resumes it: finished runs are skipped)")  # fmt: skip
+    parser.add_argument("--grid", action="append", default=[], metavar="OPTION=V1,V2",
+                        help="an option and its values, e.g. latent-dim=2,8 (repeat for more "
+                        "options; every combination runs); cartpole: latent-dims, taus; "
+                        "regression: methods")  # fmt: skip
+    parser.add_argument("--seeds", type=_seed_list, default=(0,), help="seeds (default: 0)")
+    parser.add_argument("--workers", type=_positive_int, default=2,
+                        help="runs at a time on this machine (default: 2)")  # fmt: skip
+    parser.add_argument("--address", default=None, metavar="auto|HOST:PORT",
+                        help="join a running Ray cluster (ray start --head) instead of "
+                        "starting one here")  # fmt: skip
+    parser.add_argument("--no-ray", action="store_true", help="run on this machine's process "
+                        "pool without Ray (the default when ray is not installed)")  # fmt: skip
+    parser.set_defaults(options=[])  # what follows "--" on the command line (see main)
+    parser.usage = "%(prog)s EXPERIMENT --out DIR [--grid OPTION=V1,V2 ...] [...] [-- OPTIONS]"
+    parser.epilog = ("OPTIONS, after --, go to every run, e.g. -- --quick --env-steps 20000 "
+                     "(the options of dcem dmc train, dcem dmc ppo, dcem cartpole or dcem "
+                     "regression)")  # fmt: skip
+
+
+def _sweep_address(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
+    """Ray cluster address of the sweep: ``--address``, else a local one if Ray is installed,
+    else ``None`` (process pool)."""
+    import importlib.util
+
+    if args.no_ray:
+        if args.address is not None:
+            parser.error("argument --no-ray: not allowed with --address")
+        return None
+    if args.address is not None or importlib.util.find_spec("ray") is not None:
+        if importlib.util.find_spec("ray") is None:
+            parser.error("argument --address: needs the ray package (pip install 'dcem[ray]')")
+        return args.address or "local"
+    log.info("ray is not installed: running on %d local processes", args.workers)
+    return None
+
+
+def _run_sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    options = list(args.options)
+    address = _sweep_address(args, parser)
+    if args.experiment in _SWEEP_LISTS:  # the experiment's own grid, on the sweep's engine
+        argv = [args.experiment, *options, "--out", str(args.out), "--seeds",
+                ",".join(map(str, args.seeds)), "--workers", str(args.workers)]  # fmt: skip
+        if address is not None:
+            argv += ["--address", address]
+        for item in args.grid:
+            key, sep, values = item.partition("=")
+            lists = _SWEEP_LISTS[args.experiment]
+            if key.lstrip("-") not in lists or not sep:
+                parser.error(f"argument --grid: {item!r}: {args.experiment} sweeps over "
+                             f"{', '.join(lists)} (OPTION=V1,V2)")  # fmt: skip
+            argv += [f"--{key.lstrip('-')}", values]
+        inner = build_parser().parse_args(argv)
+        return int(inner.handler(inner, inner.command_parser))
+    from dcem.experiments import common, sweep
+
+    command = ["dmc", "train" if args.experiment == "dmc" else "ppo", *options]
+    inner = build_parser().parse_args(command)  # bad options exit here, naming the option
+    if getattr(inner, "out", None) is not None:
+        parser.error("argument --out: give it before --, for the sweep folder")
+    try:
+        base = _dmc_config(inner) if args.experiment == "dmc" else _ppo_config(inner)
+        spec = sweep.Sweep(args.experiment, base, sweep.parse_grid(args.grid, base), args.seeds)
+        spec.runs()  # every run's config is valid
+    except (ValueError, TypeError) as err:
+        parser.error(f"argument --grid: {err}")
+    _choose_gl_backend()  # the workers inherit it
+    for name in ("absl", "OpenGL"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        rows = sweep.run(spec, args.out, workers=args.workers, address=address)
+    except common.RunFolderError as err:
+        parser.error(f"argument --out: {err}")
+    done = sum(r["status"] == "done" for r in rows)
+    log.info("%d of %d runs done; results in %s", done, len(rows), args.out / "results.csv")
+    return 0 if done == len(rows) else 1
 
 
 # --------------------------------------------------------------------------- entry point
@@ -674,6 +776,11 @@ _COMMANDS: dict[str, tuple[str, Callable[..., None], Callable[..., int]]] = {
         "DeepMind Control from proprioception: PlaNet world model + CEM planner (paper §5.2.2)",
         _add_dmc,
         _run_dmc,
+    ),
+    "sweep": (
+        "a grid of runs (options x seeds) on a Ray cluster or this machine's processes",
+        _add_sweep,
+        _run_sweep,
     ),
     "report": (
         "the measured tables of docs/results.md, rebuilt from run folders and benchmark JSON",
@@ -750,7 +857,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     SIGINT (Ctrl-C) and SIGTERM end the run with one line: the workers are stopped, the
     checkpoints kept, and the same command resumes (status 130 or 143).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options: list[str] = []
+    if argv[:1] == ["sweep"] and "--" in argv:  # the options of every run of the sweep
+        argv, options = argv[: argv.index("--")], argv[argv.index("--") + 1 :]
     args = build_parser().parse_args(argv)
+    if options:
+        args.options = options
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         with _signals_interrupt():

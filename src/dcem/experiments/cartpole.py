@@ -598,13 +598,14 @@ def _job_done(out: Path, key: str) -> bool:
 
 def run(
     cfg: CartpoleConfig, out: str | os.PathLike[str], workers: int = 2, progress: bool = True,
-    overwrite: bool = False,
+    overwrite: bool = False, address: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Run (or resume) every (latent_dim, tau, seed) of ``cfg`` in ``out``, summarize, plot.
 
     ``workers``: parallel processes (1 runs everything in this process). ``progress``: a tqdm
     bar on a terminal, else a log line a minute. ``overwrite``: delete the dcem run in ``out``
     first (see :func:`common.run_folder`, which also says which folders are refused).
+    ``address``: run the jobs on a Ray cluster instead (see :func:`common.run_jobs`).
     Returns the summary (also summary.json).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -628,7 +629,7 @@ def run(
         pending = [r for r in cfg.runs() if not _job_done(out, run_key(*r))]
         pending.sort(key=lambda r: (-r[0], -r[1]))  # larger, differentiable runs first
         if pending:
-            _run_pending(cfg, out, pending, workers, progress)
+            _run_pending(cfg, out, pending, workers, progress, address)
         summary = summarize(out, run_wall_seconds=time.perf_counter() - start)
         plot(out)
     return summary
@@ -636,12 +637,17 @@ def run(
 
 def _run_pending(
     cfg: CartpoleConfig, out: Path, pending: list[tuple[int, float, int]], workers: int,
-    show: bool,
+    show: bool, address: str | None = None,
 ) -> None:  # fmt: skip
     done = {run_key(*r): common.checkpointed(out, run_key(*r), "iteration") for r in pending}
     with _Progress(done, cfg.n_iter * len(pending), show) as advance:
         common.run_jobs(
-            functools.partial(run_job, cfg, out), pending, workers, advance, _log_result
+            functools.partial(run_job, cfg, out.resolve()),
+            pending,
+            workers,
+            advance,
+            _log_result,
+            address=address,
         )
 
 

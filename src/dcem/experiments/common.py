@@ -717,10 +717,12 @@ class RunProgress:
 
 def run_jobs(
     job: Callable[..., dict[str, Any]], pending: Sequence[tuple[Any, ...]], workers: int,
-    progress: ProgressFn, on_result: Callable[[dict[str, Any]], None],
+    progress: ProgressFn, on_result: Callable[[dict[str, Any]], None], *,
+    address: str | None = None,
 ) -> None:  # fmt: skip
     """Call ``job(*args, progress=...)`` for every ``args`` of ``pending``, in this process
-    (``workers == 1``) or in ``min(workers, len(pending))`` spawned worker processes.
+    (``workers == 1``), in ``min(workers, len(pending))`` spawned worker processes, or as
+    tasks of a Ray cluster (``address``).
 
     ``job`` must be picklable (a module-level function or a ``functools.partial`` of one).
     Workers report progress through a queue that this process feeds to ``progress``; a worker
@@ -729,12 +731,90 @@ def run_jobs(
     SIGTERM handler raises) cancels the jobs not yet started, ends every worker process
     (their jobs resume from their checkpoints) and is re-raised. Workers ignore SIGINT: a
     Ctrl-C, which a terminal sends to all of them, is this process's to handle.
+
+    ``address``: ``"local"`` starts a Ray cluster on this machine with ``workers`` CPUs for
+    the call; ``"auto"`` or ``"HOST:PORT"`` joins a running one (``ray start --head``), whose
+    nodes must see the same run folders (paths in ``pending`` should be absolute). Each job
+    takes one CPU; Ray runs a job again if its worker process or node dies, and the job
+    resumes from its checkpoints. Needs the ``ray`` package (``pip install 'dcem[ray]'``).
     """
-    if workers == 1:
+    if address is not None:
+        _run_ray(job, pending, workers, progress, on_result, address)
+    elif workers == 1:
         for args in pending:
             on_result(job(*args, progress=progress))
     else:
         _run_pool(job, pending, min(workers, len(pending)), progress, on_result)
+
+
+def ray_module() -> Any:
+    """The ``ray`` package; an ``ImportError`` saying how to install it if it is missing."""
+    try:
+        import ray
+    except ImportError as err:
+        raise ImportError("the Ray engine needs the ray package: pip install 'dcem[ray]'") from err
+    return ray
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str, workers: int) -> Iterator[Any]:
+    """Connect to the Ray cluster at ``address`` for the body (``"local"``: start one with
+    ``workers`` CPUs on this machine, stopped afterwards); yields the ``ray`` module. Joins a
+    connection this process already has."""
+    ray = ray_module()
+    if ray.is_initialized():
+        yield ray
+        return
+    options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                               "configure_logging": False}  # fmt: skip
+    if address == "local":
+        ray.init(num_cpus=workers, **options)
+    else:
+        ray.init(address=address, **options)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _ray_task(job: Callable[..., dict[str, Any]], args: tuple[Any, ...], reports: Any) -> Any:
+    """One job in a Ray worker: progress goes to the driver through the ``reports`` queue."""
+    return job(*args, progress=lambda key, units: reports.put((key, units)))
+
+
+def _run_ray(
+    job: Callable[..., dict[str, Any]], pending: Sequence[tuple[Any, ...]], workers: int,
+    progress: ProgressFn, on_result: Callable[[dict[str, Any]], None], address: str,
+) -> None:  # fmt: skip
+    with ray_cluster(address, workers) as ray:
+        from ray.util.queue import Empty, Queue
+
+        reports = Queue()
+        # Ray starts task workers at niceness 15, so that on a busy machine (our training runs
+        # beside the sweep) they get a fraction of a core; its own job supervisor sets this
+        # variable to 0 for the same reason.
+        normal = {"env_vars": {"RAY_worker_niceness": "0"}}
+        task = ray.remote(num_cpus=1, max_retries=3, runtime_env=normal)(_ray_task)
+        running = [task.remote(job, args, reports) for args in pending]
+
+        def drain() -> None:
+            with contextlib.suppress(Empty):
+                for key, units in reports.get_nowait_batch(reports.qsize()):
+                    progress(key, units)
+
+        try:
+            while running:
+                ready, running = ray.wait(running, num_returns=1, timeout=0.2)
+                drain()
+                for ref in ready:
+                    on_result(ray.get(ref))
+            drain()
+        except BaseException:
+            for ref in running:
+                ray.cancel(ref, force=True)
+            raise
+        finally:
+            ray.kill(reports.actor)
 
 
 # Worker-process side of the pool: the progress queue and the parent's pid, set by _init_worker.
@@ -744,6 +824,16 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(progress_queue: Any, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers on Ctrl-C
     _WORKER.update(queue=progress_queue, parent=parent_pid)
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_with_parent(parent_pid: int, every: float = 1.0) -> None:
+    """End this worker within ``every`` seconds of its parent's death (e.g. SIGKILL), also in
+    a job that reports no progress for a long time: its run would go on holding the run
+    folder's lock. Checkpoints are written atomically, so ending abruptly loses no file."""
+    while os.getppid() == parent_pid:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _worker_progress(key: str, units: int) -> None:

@@ -671,7 +671,7 @@ def _job_done(out: Path, method: str, seed: int) -> bool:
 
 def run(
     cfg: RegressionConfig, out: str | os.PathLike[str], workers: int = 2, progress: bool = True,
-    overwrite: bool = False,
+    overwrite: bool = False, address: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Run (or resume) every job (a method and a batch of seeds) of ``cfg`` in ``out``,
     summarize and plot.
@@ -695,7 +695,7 @@ def run(
             common.log_resumed(log, out, len(jobs) - len(pending), len(jobs), started, "jobs")
         pending.sort(key=_longest_first)
         if pending:
-            _run_pending(cfg, out, pending, workers, progress)
+            _run_pending(cfg, out, pending, workers, progress, address)
         summary = summarize(out, run_wall_seconds=time.perf_counter() - start)
         plot(out)
     return summary
@@ -715,6 +715,7 @@ def _run_pending(
     pending: list[tuple[str, tuple[int, ...]]],
     workers: int,
     show: bool,
+    address: str | None = None,
 ) -> None:
     done = {
         batch_key(m, s): len(s) * common.checkpointed(out, batch_key(m, s), "update")
@@ -723,7 +724,12 @@ def _run_pending(
     total = cfg.n_updates * sum(len(s) for _, s in pending)
     with _Progress(done, total, show) as advance:
         common.run_jobs(
-            functools.partial(run_job, cfg, out), pending, workers, advance, _log_results
+            functools.partial(run_job, cfg, out.resolve()),
+            pending,
+            workers,
+            advance,
+            _log_results,
+            address=address,
         )
 
 
