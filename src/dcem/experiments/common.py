@@ -738,6 +738,8 @@ def run_jobs(
     takes one CPU; Ray runs a job again if its worker process or node dies, and the job
     resumes from its checkpoints. Needs the ``ray`` package (``pip install 'dcem[ray]'``).
     """
+    if not pending:
+        return
     if address is not None:
         _run_ray(job, pending, workers, progress, on_result, address)
     elif workers == 1:
