@@ -247,6 +247,8 @@ def _check_summary(out: Path, summary: dict, cfg: CartpoleConfig) -> None:
     assert summary["reference_expert_reward"] == pytest.approx(-expert["reference_costs"].mean())
     assert 5 < summary["expert_reward"] < 20 and 5 < summary["reference_expert_reward"] < 20
     assert summary["expert_best_sample_reward"] >= summary["expert_reward"]
+    # 30 iterations converge further than 10 on the same held-out states
+    assert summary["converged_expert_test_reward"] > summary["expert_test_reward"]
     runs = summary["runs"]
     assert [(r["latent_dim"], r["tau"], r["seed"]) for r in runs] == cfg.runs()
     for entry in runs:
@@ -262,6 +264,8 @@ def _check_summary(out: Path, summary: dict, cfg: CartpoleConfig) -> None:
         assert entry["improvement_factor"] == pytest.approx(factor)
         test_factor = entry["test_reward"] / summary["expert_test_reward"]
         assert entry["test_improvement_factor"] == pytest.approx(test_factor)
+        headline = entry["test_reward"] / -expert["converged_test_costs"].mean()
+        assert entry["headline_improvement_factor"] == pytest.approx(headline)
         assert entry["iterations"] == cfg.n_iter and entry["seconds_per_iteration"] > 0
         state = common.load_checkpoint(out / "ckpt" / f"{key}.pt")
         assert state["iteration"] == cfg.n_iter
