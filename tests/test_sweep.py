@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -108,3 +109,18 @@ def test_bad_grids_are_refused_before_anything_runs(tmp_path: Path) -> None:
     done = _sweep("cartpole", "--out", out, "--grid", "horizon=5,10", "--no-ray", "--", "--quick")
     assert done.returncode == 2 and "latent-dims, taus" in done.stderr, done.stderr
     assert not out.exists()
+
+
+def test_cartpole_grid_on_ray_equals_the_pool(tmp_path: Path) -> None:
+    """The experiment's own jobs on either engine: the same runs, the same numbers."""
+    pytest.importorskip("ray", reason="ray is not installed")
+    summaries = []
+    for engine in (["--no-ray"], []):
+        out = tmp_path / ("pool" if engine else "ray")
+        done = _sweep("cartpole", "--out", out, "--grid", "taus=1,0", "--seeds", "0", *engine,
+                      "--", "--quick")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    pool, ray = ([(r["tau"], r["seed"], r["best_val_reward"], r["test_reward"])
+                  for r in s["runs"]] for s in summaries)  # fmt: skip
+    assert pool == ray and [(t, s) for t, s, *_ in pool] == [(1.0, 0), (0.0, 0)]
