@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -249,6 +250,10 @@ def test_eval_in_two_worker_processes_equals_one(phase1: Path, tmp_path: Path) -
     assert second["returns"] == first["returns"]  # each episode seeded by its index
     for key in ("median_ci95", "saturated_fraction", "plan_imagined", "plan_real"):
         assert second[key] == first[key], key
+    if importlib.util.find_spec("ray") is not None:  # the same episodes as Ray tasks
+        ray = _cli("eval", out, "--episodes", "3", "--workers", "2", "--address", "local")
+        assert ray.returncode == 0, ray.stderr
+        assert json.loads(ray.stdout)["returns"] == first["returns"]
 
 
 def test_plan_statistics_equal_a_hand_computation() -> None:

@@ -431,6 +431,9 @@ def _add_dmc(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="processes that share the episodes, one torch thread each (default: 1)",
     )
+    evaluate.add_argument("--address", default=None, metavar="local|auto|HOST:PORT",
+                          help="run those processes on a Ray cluster: local (started here), "
+                          "auto or HOST:PORT (join one) (default: no Ray)")  # fmt: skip
     diag = sub.add_parser("diagnose", help="is the world model good enough to plan with? R² "
                           "of reconstruction and rewards, open-loop rewards, return ranking "
                           "(JSON and figure in RUN_DIR/diagnose)")  # fmt: skip
@@ -545,8 +548,10 @@ def _run_dmc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     parser.error(f"arguments --planner, --plan-*: {run} is a PPO run, which "
                                  "acts with its own latent-DCEM controller")  # fmt: skip
                 try:
-                    record = ppo.evaluate_run(run, episodes=args.episodes, device=args.device,
-                                              workers=args.workers)  # fmt: skip
+                    record = ppo.evaluate_run(
+                        run, episodes=args.episodes, device=args.device, workers=args.workers,
+                        address=args.address,
+                    )  # fmt: skip
                 except (dmc.RunFolderError, common.CheckpointError, ValueError) as err:
                     parser.error(f"argument RUN_DIR: {err}")
                 records.append(record)
@@ -556,7 +561,7 @@ def _run_dmc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     record = dmc.evaluate(
                         run, episodes=args.episodes, planner=planner, device=args.device,
                         video=args.video, sizes=None if None in sizes else sizes,
-                        workers=args.workers,
+                        workers=args.workers, address=args.address,
                     )  # fmt: skip
                 except (dmc.RunFolderError, common.CheckpointError, ValueError) as err:
                     parser.error(f"argument RUN_DIR: {err}")

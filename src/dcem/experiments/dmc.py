@@ -621,7 +621,7 @@ def _restore_agent(cfg: DMCConfig, path: Path) -> tuple[Agent, DMCEnv]:
 def evaluate(
     out: Path, *, episodes: int, planner: str | None = None, device: str = "cpu",
     video: bool = False, sizes: tuple[int, int, int] | None = None, show_progress: bool = True,
-    workers: int = 1,
+    workers: int = 1, address: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Evaluate the latest checkpoint of the run in ``out`` with a noise-free planner.
 
@@ -635,6 +635,8 @@ def evaluate(
         workers: processes that share the episodes (each loads the checkpoint and runs one
             torch thread); every episode is seeded by its index, so the returns do not depend
             on how many there are.
+        address: run those processes as tasks of a Ray cluster (see
+            :func:`common.run_jobs`).
 
     Returns:
         The record also written to ``eval/{planner}-{candidates}x{iterations}.json``: returns,
@@ -671,9 +673,10 @@ def evaluate(
                             experiment=f"eval {out} {planner}", unit="episodes done",
                             bar_unit="ep", job_noun="episodes", logger=log,
                             log_every=0.0) as advance:  # fmt: skip
-        chunks = [(out, device, planner, sizes, tuple(range(w, episodes, workers)),
-                   1 if workers > 1 else None) for w in range(workers)]  # fmt: skip
-        common.run_jobs(_eval_job, chunks, workers, advance, gather)
+        chunks = [(Path(out).resolve(), device, planner, sizes,
+                   tuple(range(w, episodes, workers)), 1 if workers > 1 else None)
+                  for w in range(workers)]  # fmt: skip
+        common.run_jobs(_eval_job, chunks, workers, advance, gather, address=address)
     returns = [results[i][0] for i in range(episodes)]
     if video:
         agent, env = _restore_agent(cfg, path)

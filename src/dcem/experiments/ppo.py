@@ -193,12 +193,13 @@ def is_run(out: Path) -> bool:
 
 def evaluate_run(
     out: Path, *, episodes: int, device: str = "cpu", workers: int = 1,
-    show_progress: bool = True,
+    show_progress: bool = True, address: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Evaluate the latest checkpoint of the PPO run in ``out`` like ``dcem dmc eval`` a
     phase-2 run: noise-free episodes ``0..episodes-1`` with that run's seeds, in ``workers``
-    processes. Returns the record also written to ``eval/ppo-{candidates}x{iterations}.json``
-    (the fields of :func:`dcem.experiments.dmc.evaluate`'s record, planner ``"ppo"``)."""
+    processes (Ray tasks with ``address``, see :func:`common.run_jobs`). Returns the record
+    also written to ``eval/ppo-{candidates}x{iterations}.json`` (the fields of
+    :func:`dcem.experiments.dmc.evaluate`'s record, planner ``"ppo"``)."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     if workers < 1:
@@ -212,10 +213,10 @@ def evaluate_run(
     with common.RunProgress({str(i): 0 for i in range(episodes)}, episodes, show_progress,
                             experiment=f"eval {out} ppo", unit="episodes done", bar_unit="ep",
                             job_noun="episodes", logger=log, log_every=0.0) as advance:  # fmt: skip
-        chunks = [(out, device, tuple(range(w, episodes, workers)), 1 if workers > 1 else None)
-                  for w in range(workers)]  # fmt: skip
+        chunks = [(Path(out).resolve(), device, tuple(range(w, episodes, workers)),
+                   1 if workers > 1 else None) for w in range(workers)]  # fmt: skip
         common.run_jobs(_eval_job, chunks, workers, advance,
-                        lambda job: results.update(job["episodes"]))  # fmt: skip
+                        lambda job: results.update(job["episodes"]), address=address)  # fmt: skip
     returns = [results[i][0] for i in range(episodes)]
     median, lo, hi = common.bootstrap_ci95(returns)
     record = {
