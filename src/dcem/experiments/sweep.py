@@ -20,6 +20,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import time
 import traceback
 from collections.abc import Sequence
@@ -108,12 +109,21 @@ def run(
                if not (out / name / "summary.json").exists()]  # fmt: skip
     done = {name: int((out / name / "summary.json").exists()) for name, _ in runs}
     failed: list[str] = []
+    seconds: list[float] = []
+    slots = min(workers, len(pending)) or 1
 
     def finished(result: dict[str, Any]) -> None:
+        seconds.append(result["seconds"])
         if result["status"] != "done":
             failed.append(result["name"])
             log.error("run %s failed: %s\nend of %s:\n%s", result["name"], result["error"],
                       result["log"], _tail(Path(result["log"])))  # fmt: skip
+        left = len(pending) - len(seconds)
+        eta = sum(seconds) / len(seconds) * math.ceil(left / slots)
+        log.info("run %s %s in %.0f s; sweep: %d done, %d failed, %d running, %d waiting, "
+                 "about %.0f min left", result["name"], result["status"], result["seconds"],
+                 len(runs) - len(pending) + len(seconds) - len(failed), len(failed),
+                 min(slots, left), max(left - slots, 0), eta / 60)  # fmt: skip
 
     log.info("sweep %s: %d runs, %d done, %d to run on %s", out, len(runs),
              len(runs) - len(pending), len(pending), _engine(address, workers))  # fmt: skip
