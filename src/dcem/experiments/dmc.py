@@ -792,8 +792,10 @@ def eval_records(runs: Sequence[Path]) -> list[dict[str, Any]]:
 def plot_eval(records: Sequence[dict[str, Any]], path: Path) -> Path:
     """Box plot of evaluation returns per task and planner (the layout of the paper's fig. 4).
 
-    One panel per task, one box per record (run and planner), labelled with the planner and
-    its imagined trajectories per decision; drawn from the records of :func:`evaluate` alone.
+    One panel per task, one horizontal box per record (run and planner) from the top in the
+    order given, labelled with the planner, its imagined trajectories per decision and the
+    number of episodes; rewards on a shared 0-1000 axis. Drawn from the records of
+    :func:`evaluate` (and ``dcem.experiments.ppo.evaluate_run``) alone.
     """
     import matplotlib
 
@@ -801,18 +803,24 @@ def plot_eval(records: Sequence[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     tasks = sorted({r["task"] for r in records})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
-    names = {"cem": "Full CEM", "latent": "Latent DCEM", "ppo": "DCEM + PPO"}
+    rows = max(sum(r["task"] == t for r in records) for t in tasks)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.0 * len(tasks), 0.9 + 0.75 * rows),
+                             squeeze=False)  # fmt: skip
+    names = {"cem": "Full CEM", "latent": "Latent DCEM", "ppo": "Latent DCEM+PPO"}
+    colors = {"cem": "#3a87c0", "latent": "#a5183c", "ppo": "#7a68a6"}
     for ax, task in zip(axes[0], tasks, strict=True):
-        group = [r for r in records if r["task"] == task]
-        ax.boxplot([r["returns"] for r in group], widths=0.5)
-        ax.set_xticks(range(1, len(group) + 1))
-        ax.set_xticklabels([f"{names.get(r['planner'], r['planner'])}\n"
-                            f"{r['trajectories_per_decision']:,} traj./dec.\n"
-                            f"{r['episodes']} episodes" for r in group], fontsize=8)  # fmt: skip
-        ax.set_title(task)
-        ax.set_ylabel("Reward")
-        ax.grid(alpha=0.3, axis="y")
+        group = [r for r in records if r["task"] == task][::-1]  # the first on top
+        boxes = ax.boxplot([r["returns"] for r in group], orientation="horizontal", widths=0.6,
+                           patch_artist=True, medianprops={"color": "0.15"})  # fmt: skip
+        for patch, r in zip(boxes["boxes"], group, strict=True):
+            patch.set_facecolor(colors.get(r["planner"], "0.6"))
+        ax.set_yticks(range(1, len(group) + 1))
+        ax.set_yticklabels([f"{names.get(r['planner'], r['planner'])}\n"
+                            f"{r['trajectories_per_decision']:,} traj./decision, "
+                            f"{r['episodes']} ep." for r in group], fontsize=8)  # fmt: skip
+        ax.set_xlim(0, 1000)
+        ax.set(title=task, xlabel="Eval Reward")
+        ax.grid(alpha=0.4, axis="x", ls=":")
     fig.tight_layout()
     return common.save_png(fig, path, dpi=100)
 
