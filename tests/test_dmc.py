@@ -568,6 +568,15 @@ def test_ppo_quick_run_resumes_after_a_kill_to_the_rows_of_an_uninterrupted_run(
     assert plot.read_bytes().startswith(b"\x89PNG") and (whole / "eval" / "ppo-10x2.json").exists()
     done = _cli("eval", whole, "--episodes", "1", "--planner", "cem")
     assert done.returncode == 2 and "PPO run" in done.stderr, done.stderr
+    # dcem report: the PPO section and figure 4 from the eval records
+    report = subprocess.run([sys.executable, "-m", "dcem", "report", str(whole), "--out",
+                             str(tmp_path / "docs" / "r.md")], capture_output=True, text=True,
+                            env=_env())  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    text = (tmp_path / "docs" / "r.md").read_text()
+    assert f"| before PPO | 1 | {summary['eval_return_before']:.1f} |" in text
+    assert "| ppo | 20 | 2 |" in text and "![Figure 4" in text
+    assert (tmp_path / "docs" / "img" / "figure4.png").read_bytes().startswith(b"\x89PNG")
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "dcem", "dmc", "ppo", "--quick", "--init-from", str(phase2),
                "--out", str(killed)]  # fmt: skip

@@ -3,8 +3,9 @@
 Every number comes from the files a run folder holds (``config.json``, ``summary.json``,
 ``metrics.csv``, ``eval/*.json``, ``diagnose/*.json``) or from benchmark JSON files, so the
 document is rebuilt by running the same command again. Each folder is recognised by the
-experiment its ``config.json`` names: ``regression`` (paper §5.1), ``cartpole`` (§5.2.1) or
-``dmc`` (§5.2.2, a run in progress included).
+experiment its ``config.json`` names: ``regression`` (paper §5.1), ``cartpole`` (§5.2.1),
+``dmc`` (§5.2.2, a run in progress included) or ``ppo`` (§5.2.2, phase 3). The records of
+``dcem dmc eval`` in the runs are also drawn as figure 4 beside the document.
 """
 
 from __future__ import annotations
@@ -98,14 +99,7 @@ def _dmc(run: Path, config: dict[str, Any]) -> list[str]:
                   f"{mean['episode_seconds']:.0f} s = planning {mean['plan_seconds']:.0f} + "
                   f"model updates {mean['update_seconds']:.0f} + physics "
                   f"{mean['physics_seconds']:.1f} s."]  # fmt: skip
-    records = [_read_json(p) for p in sorted((run / "eval").glob("*.json"))]
-    if records:
-        table = [[r["planner"], f"{r['trajectories_per_decision']:,}", str(r["episodes"]),
-                  _num(r["mean"], ".1f"), _num(r["std"], ".1f"), _num(r["median"], ".1f")]
-                 for r in records]  # fmt: skip
-        lines += ["", "`dcem dmc eval`:", ""]
-        lines += _table(["planner", "trajectories per decision", "episodes", "mean", "std",
-                         "median"], table)  # fmt: skip
+    lines += _eval_table(run)
     diagnoses = [_read_json(p) for p in sorted((run / "diagnose").glob("*.json"))]
     if diagnoses:
         table = []
@@ -123,10 +117,60 @@ def _dmc(run: Path, config: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _eval_records(run: Path) -> list[dict[str, Any]]:
+    return [_read_json(p) for p in sorted((run / "eval").glob("*.json"))]
+
+
+def _eval_table(run: Path) -> list[str]:
+    """The records of ``dcem dmc eval`` in ``run/eval`` (figure 4's numbers)."""
+    records = _eval_records(run)
+    if not records:
+        return []
+    table = [[r["planner"], f"{r['trajectories_per_decision']:,}", str(r["episodes"]),
+              _num(r["mean"], ".1f"), _num(r["std"], ".1f"),
+              f"{_num(r['median'], '.1f')} ({_num(r['median_ci95'][0], '.1f')} to "
+              f"{_num(r['median_ci95'][1], '.1f')})"] for r in records]  # fmt: skip
+    return ["", "`dcem dmc eval`:", ""] + _table(
+        ["planner", "trajectories per decision", "episodes", "mean", "std",
+         "median (bootstrap 95% CI)"], table)  # fmt: skip
+
+
+def _ppo(run: Path, config: dict[str, Any]) -> list[str]:
+    cfg = config["config"]
+    s = common.load_summary(run, "ppo")
+    rows = common.read_csv(run / "metrics.csv")
+    train = [r for r in rows if r["phase"] == "train"]
+    lines = [f"From `{Path(cfg['init_from']).name}`: fine-tuned {cfg['fine_tune']}, "
+             f"{cfg['passes']} pass(es), {cfg['episodes_per_step']} episodes per PPO step, "
+             f"std {cfg['std']} ({'learned' if cfg['learn_std'] else 'fixed'}), learning "
+             f"rate {cfg['lr']:g}, {s['ppo_steps']} PPO steps.", ""]  # fmt: skip
+    before, after = s["eval_returns_before"], s["eval_returns_after"]
+    table = [["before PPO", str(len(before)), _num(s["eval_return_before"], ".1f")],
+             ["after PPO", str(len(after)), _num(s["eval_return_after"], ".1f")]]  # fmt: skip
+    lines += _table(["noise-free evaluation", "episodes", "mean return"], table)
+    if "paired_difference" in s:
+        lo, hi = s["paired_difference_t95"]
+        b_lo, b_hi = s["paired_difference_bootstrap95"]
+        lines += ["", f"Paired difference (after - before, same episodes): "
+                  f"{_num(s['paired_difference'], '.1f')}, Student-t 95% CI "
+                  f"{_num(lo, '.1f')} to {_num(hi, '.1f')}, bootstrap {_num(b_lo, '.1f')} "
+                  f"to {_num(b_hi, '.1f')}."]  # fmt: skip
+    if train:
+        n = len(train)
+        mean = {k: sum(float(r[k] or 0) for r in train) / n
+                for k in ("episode_seconds", "update_seconds")}  # fmt: skip
+        peak = max(float(r.get("peak_memory_mb") or 0) for r in train)
+        lines += ["", f"Per PPO step (mean of {n}): {mean['episode_seconds']:.0f} s per "
+                  f"episode collected, {mean['update_seconds']:.0f} s of updates; peak "
+                  f"memory {peak:.0f} MB."]  # fmt: skip
+    return lines + _eval_table(run)
+
+
 _SECTIONS: dict[str, tuple[str, Callable[[Path, dict[str, Any]], list[str]]]] = {
     "regression": ("Energy-based regression (paper §5.1)", _regression),
     "cartpole": ("Cartpole action embedding (paper §5.2.1)", _cartpole),
     "dmc": ("DeepMind Control with a PlaNet world model (paper §5.2.2)", _dmc),
+    "ppo": ("PPO into the latent-DCEM controller (paper §5.2.2, phase 3)", _ppo),
 }
 
 
@@ -155,8 +199,12 @@ def _benchmark(path: Path) -> list[str]:
     return head + _table(["quantity", "value"], rows)
 
 
-def render(runs: Sequence[Path], benchmarks: Sequence[Path] = (), command: str = "") -> str:
-    """The Markdown document for ``runs`` (run folders) and ``benchmarks`` (JSON files).
+def render(
+    runs: Sequence[Path], benchmarks: Sequence[Path] = (), command: str = "",
+    figure: str | None = None,
+) -> str:  # fmt: skip
+    """The Markdown document for ``runs`` (run folders) and ``benchmarks`` (JSON files);
+    ``figure``: the path (relative to the document) of figure 4, shown after the runs.
 
     Raises :class:`RunFolderError` naming the folder or file that cannot be read.
     """
@@ -173,6 +221,9 @@ def render(runs: Sequence[Path], benchmarks: Sequence[Path] = (), command: str =
                                  f"{', '.join(_SECTIONS)}")  # fmt: skip
         title, section = _SECTIONS[kind]
         lines += [f"## {title}: `{run.name}`", "", *section(run, record), ""]
+    if figure is not None:
+        lines += ["## Figure 4: evaluation returns per planner", "",
+                  f"![Figure 4: evaluation returns per planner]({figure})", ""]  # fmt: skip
     if benchmarks:
         lines += ["## Benchmarks", ""]
         for path in benchmarks:
@@ -183,6 +234,14 @@ def render(runs: Sequence[Path], benchmarks: Sequence[Path] = (), command: str =
 def write(
     path: Path, runs: Sequence[Path], benchmarks: Sequence[Path] = (), command: str = ""
 ) -> Path:
-    """Write :func:`render`'s document to ``path`` atomically."""
-    common.atomic_write_text(path, render(runs, benchmarks, command))
+    """Write :func:`render`'s document to ``path`` atomically; with ``dcem dmc eval`` records
+    in the runs, figure 4 (their box plot) to ``img/figure4.png`` beside it."""
+    records = [r for run in runs for r in _eval_records(Path(run))]
+    figure = None
+    if records:
+        from dcem.experiments import dmc
+
+        dmc.plot_eval(records, Path(path).parent / "img" / "figure4.png")
+        figure = "img/figure4.png"
+    common.atomic_write_text(path, render(runs, benchmarks, command, figure))
     return Path(path)
