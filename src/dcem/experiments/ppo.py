@@ -304,7 +304,7 @@ def ppo_step(run: Run) -> dict[str, Any]:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             run.optimizer.step()
             stats.append(s)
-            losses.append((float(policy_loss), float(value_loss)))
+            losses.append((float(policy_loss.detach()), float(value_loss.detach())))
     update = time.perf_counter() - tick
     peak = (torch.cuda.max_memory_allocated(run.device) / 2**20 if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
