@@ -111,6 +111,7 @@ def test_bad_grids_are_refused_before_anything_runs(tmp_path: Path) -> None:
     assert not out.exists()
 
 
+@pytest.mark.slow  # about a minute: two cartpole grids and a Ray cluster
 def test_cartpole_grid_on_ray_equals_the_pool(tmp_path: Path) -> None:
     """The experiment's own jobs on either engine: the same runs, the same numbers."""
     pytest.importorskip("ray", reason="ray is not installed")
