@@ -665,3 +665,8 @@ def test_ppo_summary_pairs_the_evaluations_before_and_after(tmp_path: Path) -> N
     assert summary["paired_difference_t95"] == pytest.approx([lo, hi], rel=1e-6)
     b_lo, b_hi = summary["paired_difference_bootstrap95"]
     assert min(diff) <= b_lo < 1.875 < b_hi <= max(diff)
+    # dcem dmc eval of the run pairs its episodes with the evaluation before PPO the same way
+    paired = ppo._paired_with_start(tmp_path, [*after, 30.0])  # one episode more: left out
+    assert paired["before_returns"] == before
+    for key in ("paired_difference", "paired_difference_t95", "paired_difference_bootstrap95"):
+        assert paired[key] == summary[key], key

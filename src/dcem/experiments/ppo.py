@@ -228,9 +228,33 @@ def evaluate_run(
         "saturated_fraction": float(np.mean([results[i][1] for i in range(episodes)])),
         "workers": workers, "seconds": round(time.perf_counter() - start, 1),
     }  # fmt: skip
+    record.update(_paired_with_start(out, returns))
     name = f"ppo-{base.latent_samples}x{base.latent_iter}.json"
     common.atomic_write_json(Path(out) / "eval" / name, record)
     return record
+
+
+def _paired_with_start(out: Path, returns: list[float]) -> dict[str, Any]:
+    """The evaluation before the first PPO step (``metrics.csv``), episode by episode against
+    ``returns`` (the same seeds): ``before_returns`` and the mean paired difference with its
+    Student-t and bootstrap 95% intervals over the episodes both have; ``{}`` without it."""
+    path = Path(out) / "metrics.csv"
+    rows = common.read_csv(path) if path.is_file() else []
+    first = next((r for r in rows if r["phase"] == "eval" and r["ppo_step"] == "0"), None)
+    before = [float(x) for x in (first or {}).get("eval_returns", "").split()]
+    n = min(len(before), len(returns))
+    return {"before_returns": before[:n], **_paired(before[:n], returns[:n])} if n > 1 else {}
+
+
+def _paired(before: list[float], after: list[float]) -> dict[str, Any]:
+    """Mean of ``after - before`` (the same episodes) with its Student-t and bootstrap 95%
+    intervals."""
+    diff = np.asarray(after) - np.asarray(before)
+    mean, half = common.mean_ci95(diff)
+    _, lo, hi = common.bootstrap_ci95(diff, np.mean)
+    return {"paired_difference": float(mean),
+            "paired_difference_t95": [float(mean - half), float(mean + half)],
+            "paired_difference_bootstrap95": [lo, hi]}  # fmt: skip
 
 
 def _eval_job(
@@ -429,12 +453,7 @@ def _summary(out: Path) -> dict[str, Any]:
     }
     if len(evals) > 1 and len(before) == len(after) > 1:
         # the evaluations replay the same episode seeds: after - before, episode by episode
-        diff = np.asarray(after) - np.asarray(before)
-        mean, half = common.mean_ci95(diff)
-        _, lo, hi = common.bootstrap_ci95(diff, np.mean)
-        summary["paired_difference"] = float(mean)
-        summary["paired_difference_t95"] = [float(mean - half), float(mean + half)]
-        summary["paired_difference_bootstrap95"] = [lo, hi]
+        summary.update(_paired(before, after))
     return summary
 
 
