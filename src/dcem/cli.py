@@ -465,24 +465,25 @@ def _add_dmc(parser: argparse.ArgumentParser) -> None:
     diag.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
 
+def _config(args: argparse.Namespace, cls: Any, quick: dict[str, Any]) -> Any:
+    """``cls`` (a config dataclass) from the options given, over ``quick`` with --quick."""
+    values: dict[str, Any] = dict(quick) if args.quick else {}
+    for f in dataclasses.fields(cls):
+        if getattr(args, f.name, None) is not None:
+            values[f.name] = getattr(args, f.name)
+    return cls(**values)
+
+
 def _dmc_config(args: argparse.Namespace) -> Any:
     from dcem.experiments import dmc_config as dmc
 
-    values: dict[str, Any] = dict(dmc.QUICK) if args.quick else {}
-    for f in dataclasses.fields(dmc.DMCConfig):
-        if getattr(args, f.name, None) is not None:
-            values[f.name] = getattr(args, f.name)
-    return dmc.DMCConfig(**values)
+    return _config(args, dmc.DMCConfig, dmc.QUICK)
 
 
 def _ppo_config(args: argparse.Namespace) -> Any:
     from dcem.experiments import ppo_config
 
-    values: dict[str, Any] = dict(ppo_config.QUICK) if args.quick else {}
-    for f in dataclasses.fields(ppo_config.PPOConfig):
-        if getattr(args, f.name, None) is not None:
-            values[f.name] = getattr(args, f.name)
-    return ppo_config.PPOConfig(**values)
+    return _config(args, ppo_config.PPOConfig, ppo_config.QUICK)
 
 
 def _choose_gl_backend() -> None:
