@@ -238,7 +238,6 @@ def run_episode(
     if store:
         agent.replay.start_episode(obs)
     belief = agent.model.initial_state((1,))
-    mid, half = (0.5 * (env.action_high + env.action_low), 0.5 * (env.action_high - env.action_low))
     saturated = 0
     action = torch.zeros(env.action_size, device=agent.device)
     total, done, t = 0.0, False, 0
@@ -267,11 +266,18 @@ def run_episode(
             frames.append(env.render(height=128, width=128))
         total, t = total + reward, t + 1
         rewards.append(reward)
-        saturated += int((np.abs(action_np - mid) > 0.95 * half).sum())
+        saturated += saturated_count(action_np, env.action_low, env.action_high)
     if plans is not None and mode != "seed":
         plans.update(_plan_stats(imagined, rewards, agent.cfg.horizon))
         plans["saturated_fraction"] = saturated / (t * action_np.size)
     return total
+
+
+def saturated_count(actions: np.ndarray, low: np.ndarray, high: np.ndarray) -> int:
+    """Action components in the outer 2.5% of their range ``[low, high]`` at either end
+    (``|a| > 0.95`` in [-1, 1]): what a planner exploiting the model tends to output."""
+    mid, half = 0.5 * (high + low), 0.5 * (high - low)
+    return int((np.abs(actions - mid) > 0.95 * half).sum())
 
 
 def _plan_stats(imagined: list[Tensor], rewards: list[float], horizon: int) -> dict[str, Any]:

@@ -162,15 +162,25 @@ def evaluate(run: Run) -> list[float]:
     return [_eval_episode(run, i)["return"] for i in range(run.cfg.eval_episodes)]
 
 
+def _record(out: Path) -> dict[str, Any] | None:
+    """``out/config.json`` if it records a ``dcem dmc ppo`` run, else ``None``."""
+    try:
+        record = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("experiment") == EXPERIMENT else None
+
+
+def is_run(out: Path) -> bool:
+    """Whether ``out/config.json`` records a ``dcem dmc ppo`` run."""
+    return _record(out) is not None
+
+
 def load_run(out: Path, device: str = "cpu") -> Run:
     """The PPO run in ``out`` at its latest checkpoint (errors name the folder)."""
-    path = Path(out) / "config.json"
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise common.RunFolderError(f"{out} has no readable config.json ({err})") from None
-    if not isinstance(record, dict) or record.get("experiment") != EXPERIMENT:
-        raise common.RunFolderError(f"{out} is not a dcem dmc ppo run folder")
+    record = _record(out)
+    if record is None:
+        raise common.RunFolderError(f"{out} is not a dcem dmc ppo run folder (config.json)")
     known = {f.name for f in dataclasses.fields(PPOConfig)}
     cfg = PPOConfig(**{k: v for k, v in record["config"].items() if k in known}, device=device)
     run = Run(cfg)
@@ -180,15 +190,6 @@ def load_run(out: Path, device: str = "cpu") -> Run:
         raise common.RunFolderError(f"{out} has no checkpoint to evaluate (ckpt/latest.pt)")
     run.load_state_dict(common.load_checkpoint(ckpt), ckpt)
     return run
-
-
-def is_run(out: Path) -> bool:
-    """Whether ``out/config.json`` records a ``dcem dmc ppo`` run."""
-    try:
-        record = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("experiment") == EXPERIMENT
 
 
 def evaluate_run(
@@ -271,9 +272,9 @@ def _eval_job(
         done = {}
         for i in episodes:
             ep = _eval_episode(run, i)
-            mid, half = 0.5 * (run.high + run.low), 0.5 * (run.high - run.low)
-            clipped = torch.maximum(torch.minimum(ep["action"], run.high), run.low)
-            share = float(((clipped - mid).abs() > 0.95 * half).double().mean())
+            low, high = run.low.cpu().numpy(), run.high.cpu().numpy()
+            clipped = np.clip(ep["action"].cpu().numpy(), low, high)
+            share = dmc.saturated_count(clipped, low, high) / clipped.size
             done[i] = (ep["return"], share)
             progress(str(i), 1)
     finally:
