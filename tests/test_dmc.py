@@ -367,6 +367,26 @@ def test_phase_two_starts_from_phase_one_and_trains_the_decoder(phase1, phase2, 
     assert kept["replay"]["obs"].shape[0] < p2["replay"]["obs"].shape[0]
 
 
+def test_decoder_pretraining_fits_the_replay_action_windows(phase1, phase2, tmp_path) -> None:
+    def start(pretrain: int) -> dmc.Agent:
+        cfg = dataclasses.replace(dmc.load_config(phase2), decoder_pretrain=pretrain)
+        agent = dmc.Agent(cfg, make_env(TASK, episode_steps=200))
+        dmc._resume(agent, tmp_path / f"empty-{pretrain}")
+        return agent
+
+    windows = torch.as_tensor(start(0).replay.action_windows(dmc.load_config(phase2).horizon))
+
+    def error(agent: dmc.Agent) -> float:
+        # reconstruction from the best of a grid of latents in the box
+        assert agent.decoder is not None
+        grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, 21)] * 2, indexing="ij"), -1)
+        with torch.no_grad():
+            decoded = agent.decoder(grid.reshape(-1, 2))
+        return float((decoded[None] - windows[:, None]).square().mean((2, 3)).min(1).values.mean())
+
+    assert error(start(200)) < 0.7 * error(start(0))
+
+
 def test_phase_two_refuses_a_phase_one_run_of_another_task(phase1, tmp_path, capsys) -> None:
     err = _main_error(capsys, "train", "--quick", "--task", "reacher-easy", "--planner",
                       "latent", "--init-from", phase1, "--out", tmp_path / "p2")  # fmt: skip
@@ -426,6 +446,7 @@ def test_compare_plans_rates_both_planners_plans_under_the_model(phase1, phase2)
         (["--task", "cheetah-fly"], "--task"),
         (["--planner", "mppi"], "--planner"),
         (["--plan-elites", "400"], "plan_elites"),
+        (["--decoder-pretrain", "10"], "decoder_pretrain"),
     ],
 )
 def test_bad_train_options_exit_2_with_one_line_and_write_nothing(

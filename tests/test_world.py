@@ -275,6 +275,22 @@ def test_replay_sampling_is_contiguous_within_episodes():
         buffer.sample(batch_size=2, seq_len=46)
 
 
+def test_action_windows_are_every_run_of_executed_actions_within_an_episode():
+    buffer = ReplayBuffer(3, 2)
+    for episode, rows in enumerate([30, 4, 45]):  # the 4-row episode has 3 actions: no window
+        obs = np.zeros((rows, 3))
+        actions = np.stack([[episode, t] for t in range(1, rows)])  # action t led into obs t
+        buffer.add_episode(obs, actions, np.zeros(rows - 1))
+    windows = buffer.action_windows(5)
+    expected = [[[e, t + i] for i in range(5)] for e, rows in enumerate([30, 4, 45])
+                for t in range(1, rows - 4)]  # fmt: skip
+    assert windows.dtype == np.float32 and windows.shape == (25 + 0 + 40, 5, 2)
+    assert np.array_equal(windows, np.asarray(expected, np.float32))
+    assert buffer.action_windows(45).shape == (0, 45, 2)
+    with pytest.raises(ValueError, match="length"):
+        buffer.action_windows(0)
+
+
 def test_replay_state_dict_round_trips_exactly():
     buffer = _filled_buffer(seed=3)
     buffer.sample(batch_size=5, seq_len=10)  # advance the sampler

@@ -48,6 +48,7 @@ from dcem.world import (
     DMCEnv,
     RenderUnavailableError,
     State,
+    fit_decoder,
     make_env,
     plan,
     plan_latent,
@@ -356,6 +357,13 @@ def _init_from(agent: Agent, run: Path) -> None:
              int(state["counters"]["env_step"]), "re-initialized" if cfg.reinit_model else
              "loaded", f"{agent.replay.num_episodes} episodes" if cfg.keep_replay else
              "deleted")  # fmt: skip
+    if cfg.decoder_pretrain and agent.decoder is not None:
+        windows = torch.as_tensor(agent.replay.action_windows(cfg.horizon))
+        losses = fit_decoder(agent.decoder, windows, steps=cfg.decoder_pretrain,
+                             generator=agent.generator)  # fmt: skip
+        log.info("decoder pre-trained on %d action windows of the replay: reconstruction error "
+                 "%.4f -> %.4f (their variance %.4f)", len(windows), losses[0], losses[-1],
+                 float(windows.var(0).mean()))  # fmt: skip
 
 
 def _resume(agent: Agent, out: Path) -> None:

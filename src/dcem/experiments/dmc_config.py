@@ -88,6 +88,13 @@ class DMCConfig(AgentConfig):
     decoder_warmup: int = field(
         default=0, metadata=_doc("decoder updates on the replay before the first episode")
     )
+    decoder_pretrain: int = field(
+        default=0,
+        metadata=_doc(
+            "with init_from and the latent planner: autoencoder steps fitting the decoder to "
+            "the replay's executed action windows before phase 2 (0: none, as the paper)"
+        ),
+    )
     device: str = field(default="cpu", metadata=_doc("torch device of model and planner"))
     compile: bool = field(
         default=True,
@@ -105,13 +112,20 @@ class DMCConfig(AgentConfig):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("action_repeat", "seed_episodes", "seed", "decoder_warmup",
-                     "obs_stats_until"):  # fmt: skip
+                     "decoder_pretrain", "obs_stats_until"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.seq_len > self.agent_steps_per_episode + 1:
             raise ValueError(
                 f"seq_len must be at most the {self.agent_steps_per_episode + 1} rows of an "
                 f"episode, got {self.seq_len}"
+            )
+        if self.decoder_pretrain and not (
+            self.planner == "latent" and self.init_from and self.keep_replay
+        ):
+            raise ValueError(
+                "decoder_pretrain needs planner latent, init_from and a kept "
+                "replay (the action windows it fits come from it)"
             )
         if self.device != "cpu":  # "cpu" is always there (and needs no torch import)
             check_device(self.device)

@@ -23,7 +23,13 @@ if TYPE_CHECKING:
         make_env,
         task_spec,
     )
-    from dcem.world.latent import ActionDecoder, latent_planning_cost, latent_policy, plan_latent
+    from dcem.world.latent import (
+        ActionDecoder,
+        fit_decoder,
+        latent_planning_cost,
+        latent_policy,
+        plan_latent,
+    )
     from dcem.world.planner import plan
     from dcem.world.ppo import DCEMPolicy
     from dcem.world.replay import ReplayBuffer
@@ -32,8 +38,9 @@ if TYPE_CHECKING:
 _HOME = {
     "EPISODE_STEPS": "envs", "TASKS": "envs", "DMCEnv": "envs", "RenderUnavailableError": "envs",
     "TaskSpec": "envs", "flatten_observation": "envs", "make_env": "envs", "task_spec": "envs",
-    "ActionDecoder": "latent", "latent_planning_cost": "latent", "latent_policy": "latent",
-    "plan_latent": "latent", "plan": "planner", "ReplayBuffer": "replay", "RSSM": "rssm",
+    "ActionDecoder": "latent", "fit_decoder": "latent", "latent_planning_cost": "latent",
+    "latent_policy": "latent", "plan_latent": "latent", "plan": "planner",
+    "ReplayBuffer": "replay", "RSSM": "rssm",
     "LossTerms": "rssm", "State": "rssm", "gaussian_kl": "rssm",
     "gaussian_log_likelihood": "rssm", "Agent": "agent", "AgentConfig": "config",
     "DCEMPolicy": "ppo",
@@ -43,8 +50,8 @@ __all__ = [
     "EPISODE_STEPS", "RSSM", "Agent", "AgentConfig", "TASKS", "ActionDecoder", "DCEMPolicy",
     "DMCEnv", "LossTerms",
     "RenderUnavailableError", "ReplayBuffer", "State", "TaskSpec", "flatten_observation",
-    "gaussian_kl", "gaussian_log_likelihood", "latent_planning_cost", "latent_policy",
-    "make_env", "plan", "plan_latent", "task_spec",
+    "fit_decoder", "gaussian_kl", "gaussian_log_likelihood", "latent_planning_cost",
+    "latent_policy", "make_env", "plan", "plan_latent", "task_spec",
 ]  # fmt: skip
 
 

@@ -36,7 +36,7 @@ from dcem.control.decoder import ActionDecoder as _UnitDecoder
 from dcem.optim import Backward, dcem
 from dcem.world.rssm import RSSM, State
 
-__all__ = ["ActionDecoder", "latent_planning_cost", "latent_policy", "plan_latent"]
+__all__ = ["ActionDecoder", "fit_decoder", "latent_planning_cost", "latent_policy", "plan_latent"]
 
 
 class ActionDecoder(nn.Module):
@@ -344,3 +344,74 @@ def latent_planning_cost(
     kw = dict(n_sample=n_sample, n_elite=n_elite, n_iter=n_iter, tau=tau, generator=generator)
     z = _solve(cost, decoder, states, init_sigma=init_sigma, backward=backward, **kw)
     return cost(z.unsqueeze(1)).mean()
+
+
+def fit_decoder(
+    decoder: ActionDecoder,
+    sequences: Tensor,
+    *,
+    steps: int,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    hidden: int = 200,
+    generator: torch.Generator | None = None,
+) -> list[float]:
+    """Fit ``decoder`` as the decoding half of an autoencoder of action sequences.
+
+    An encoder MLP (two hidden layers of ``hidden`` ELU units, then ``c * tanh`` so that every
+    code lies in the latent box ``[-c, c]^d`` the planners search) and ``decoder`` are trained
+    together with Adam on the mean squared reconstruction error of minibatches drawn from
+    ``sequences``; the encoder is discarded. On the executed action windows of a phase-1
+    replay this gives the latent planner a decoder whose image is the action sequences the
+    data holds, a start for phase 2 where the model is accurate (the paper trains the decoder
+    through DCEM from a random initialization instead).
+
+    Args:
+        decoder: the decoder, trained in place (its device and dtype are used).
+        sequences: ``(M, H, a)`` action sequences within the decoder's bounds, ``M >= 1``.
+        steps: Adam steps, >= 1. batch_size: sequences per step, >= 1 (drawn with
+            replacement). lr: learning rate, > 0. hidden: encoder width, >= 1.
+        generator: source of the encoder's initialization and of the minibatches.
+
+    Returns:
+        The reconstruction error (mean squared, per action component) of every step.
+
+    Raises:
+        ValueError: ``sequences`` of another shape than ``(M, decoder.horizon,
+            decoder.action_size)``, empty or not finite; a bad ``steps``, ``batch_size``,
+            ``lr`` or ``hidden``.
+    """
+    h, a = decoder.horizon, decoder.action_size
+    if not isinstance(sequences, Tensor) or sequences.dim() != 3 or sequences.shape[1:] != (h, a):
+        shape = tuple(sequences.shape) if isinstance(sequences, Tensor) else type(sequences)
+        raise ValueError(f"sequences must be a (M, {h}, {a}) tensor, got {shape}")
+    if sequences.shape[0] < 1 or not bool(torch.isfinite(sequences).all()):
+        raise ValueError("sequences must hold at least one sequence, all finite")
+    for name, value in [("steps", steps), ("batch_size", batch_size), ("hidden", hidden)]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not 0 < lr < math.inf:
+        raise ValueError(f"lr must be a finite number > 0, got {lr}")
+    param = next(decoder.parameters())
+    device = param.device
+    sequences = sequences.to(device=device, dtype=param.dtype)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the encoder's initialization, seeded
+        torch.manual_seed(seed)
+        encoder = nn.Sequential(
+            nn.Linear(h * a, hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU(),
+            nn.Linear(hidden, decoder.latent_dim), nn.Tanh(),
+        ).to(device=device, dtype=param.dtype)  # fmt: skip
+    opt = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=lr)
+    losses = []
+    for _ in range(steps):
+        pick = torch.randint(sequences.shape[0], (batch_size,), generator=gen).to(device)
+        batch = sequences[pick]
+        code = decoder.latent_bound * encoder(batch.flatten(1))
+        loss = (decoder(code) - batch).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return [float(x) for x in torch.stack(losses).cpu()]

@@ -113,6 +113,15 @@ class ReplayBuffer:
         starts = np.asarray(self._starts, np.int64)
         return np.stack([starts, np.append(starts[1:], self._size)], axis=1)
 
+    def action_windows(self, length: int) -> np.ndarray:
+        """Every window of ``length`` consecutive executed actions of one episode,
+        ``(M, length, a)`` float32 (a copy; episodes shorter than ``length`` give none)."""
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        starts = [np.arange(s + 1, e - length + 1) for s, e in self.episode_bounds()]
+        first = np.concatenate([np.zeros(0, np.int64), *starts])
+        return self._data["action"][first[:, None] + np.arange(length)]
+
     def sample(self, batch_size: int = 50, seq_len: int = 50) -> dict[str, np.ndarray]:
         """``batch_size`` windows of ``seq_len`` consecutive rows of one episode, uniformly.
 
