@@ -614,6 +614,19 @@ def test_ppo_quick_run_resumes_after_a_kill_to_the_rows_of_an_uninterrupted_run(
     assert _without_time(_rows(killed)) == _without_time(rows)
 
 
+def test_ppo_target_kl_stops_the_minibatch_updates(phase2: Path, tmp_path: Path) -> None:
+    taken = {}
+    for target in ("0", "1e-12"):
+        out = tmp_path / f"kl-{target}"
+        done = _cli("ppo", "--quick", "--init-from", phase2, "--minibatch", "2", "--ppo-steps",
+                    "1", "--target-kl", target, "--out", out)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        taken[target] = [int(r["minibatches"]) for r in _rows(out) if r["phase"] == "train"]
+    # 2 episodes of 5 decisions in minibatches of 2: 5 steps; the first minibatch's ratio is 1
+    # (KL 0), the second's is not, so a tiny target stops after it
+    assert taken == {"0": [5], "1e-12": [2]}
+
+
 def test_ppo_refuses_a_phase_one_run_and_bad_parts(phase1: Path, tmp_path: Path) -> None:
     done = _cli("ppo", "--quick", "--init-from", phase1, "--out", tmp_path / "x")
     assert done.returncode == 2 and "--init-from" in done.stderr and "--planner latent" in (

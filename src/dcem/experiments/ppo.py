@@ -23,7 +23,7 @@ import torch
 
 from dcem.experiments import common, dmc
 from dcem.experiments.common import CheckpointError
-from dcem.experiments.ppo_config import PPOConfig
+from dcem.experiments.ppo_config import ADDED, PPOConfig
 from dcem.world import State, make_env
 from dcem.world.ppo import DCEMPolicy, clipped_surrogate, gae
 
@@ -37,13 +37,14 @@ METRIC_FIELDS = [
     "ppo_step", "phase", "return", "return_std", "eval_returns", "policy_loss", "value_loss",
     "ratio_first_max_dev", "ratio_mean", "ratio_min", "ratio_max", "clip_fraction",
     "approx_kl", "std", "env_steps", "episode_seconds", "update_seconds", "peak_memory_mb",
-    "wall_seconds",
+    "wall_seconds", "minibatches",
 ]  # fmt: skip
 """Train rows: one per PPO step (``return``: mean of its episodes; the ratio statistics over
 its minibatches; ``ratio_first_max_dev``: max ``|ratio - 1|`` of the first minibatch, before
-any gradient step: 0 up to rounding; ``peak_memory_mb``: on CUDA the allocator's peak during
-the update, otherwise the process's peak resident memory so far). Eval rows: ``return``
-mean, ``return_std``, each episode's return in ``eval_returns``."""
+any gradient step: 0 up to rounding; ``minibatches``: the gradient steps taken, fewer than
+``passes`` times the batch's when ``target_kl`` stopped them; ``peak_memory_mb``: on CUDA
+the allocator's peak during the update, otherwise the process's peak resident memory so
+far). Eval rows: ``return`` mean, ``return_std``, each episode's return in ``eval_returns``."""
 TRAIN_STREAM, VALUE_STREAM, EVAL_STREAM = 11, 12, dmc.EVAL_STREAM
 
 
@@ -308,6 +309,10 @@ def ppo_step(run: Run) -> dict[str, Any]:
     stats: list[dict[str, float]] = []
     losses: list[tuple[float, float]] = []
     first_dev = None
+
+    def stop_early(taken: list[dict[str, float]]) -> bool:
+        return cfg.target_kl > 0 and bool(taken) and taken[-1]["approx_kl"] > cfg.target_kl
+
     tick = time.perf_counter()
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
     cuda = run.device.type == "cuda"
@@ -316,6 +321,8 @@ def ppo_step(run: Run) -> dict[str, Any]:
     for _ in range(cfg.passes):
         order = torch.randperm(n, generator=run.generator, device=run.device)
         for idx in order.split(cfg.minibatch):
+            if stop_early(stats):
+                break
             state = State(*(x[idx] for x in batch["belief"]))
             logp, value = run.policy.evaluate(state, batch["seed"][idx], batch["action"][idx])
             a = batch["adv"][idx]
@@ -346,6 +353,7 @@ def ppo_step(run: Run) -> dict[str, Any]:
         "std": float(run.policy.log_std.exp().mean()), "env_steps": c["env_steps"],
         "episode_seconds": round(collect / cfg.episodes_per_step, 2),
         "update_seconds": round(update, 2), "peak_memory_mb": round(peak, 1),
+        "minibatches": len(stats),
     }  # fmt: skip
     c["ppo_step"] += 1
     return row
@@ -374,7 +382,7 @@ def train(cfg: PPOConfig, out: Path, *, show_progress: bool = True) -> dict[str,
     checkpoint after each update and evaluation, so an interrupted run loses at most one.
     """
     out = Path(out)
-    common.check_out_folder(out, EXPERIMENT, cfg.to_json(), None)
+    common.check_out_folder(out, EXPERIMENT, cfg.to_json(), ADDED)
     run = Run(cfg)  # refuses a wrong init_from before anything is written
     try:
         with common.lock_folder(out):

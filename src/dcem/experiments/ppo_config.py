@@ -8,7 +8,7 @@ from typing import Any
 
 from dcem.world.config import BACKWARDS, PARTS
 
-__all__ = ["PARTS", "QUICK", "PPOConfig"]
+__all__ = ["ADDED", "PARTS", "QUICK", "PPOConfig"]
 
 
 def _doc(text: str) -> Any:
@@ -31,6 +31,13 @@ class PPOConfig:
     lr: float = field(default=1e-4, metadata=_doc("Adam learning rate of the fine-tuned parts"))
     value_lr: float = field(default=1e-3, metadata=_doc("learning rate of value head and std"))
     max_grad_norm: float = field(default=0.5, metadata=_doc("gradient-norm clip"))
+    target_kl: float = field(
+        default=0.0,
+        metadata=_doc(
+            "stop a PPO step's minibatch updates once one's approximate KL to the collecting "
+            "policy exceeds this (0: never; CleanRL's target_kl)"
+        ),
+    )
     fine_tune: str = field(
         default="reward,transition,decoder",
         metadata=_doc("parts the policy gradient trains, comma-separated (others frozen)"),
@@ -52,7 +59,7 @@ class PPOConfig:
                      "eval_episodes"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("seed", "episode_steps"):
+        for name in ("seed", "episode_steps", "target_kl"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("clip", "lr", "value_lr", "max_grad_norm", "std"):
@@ -77,6 +84,10 @@ class PPOConfig:
         """The fields as JSON values, ``device`` left out (a run may move between devices)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "device"}
 
+
+ADDED = {"target_kl": 0.0}
+"""Fields added after the first PPO runs, with the value those runs used (their folders
+resume)."""
 
 QUICK = {"ppo_steps": 2, "episodes_per_step": 2, "minibatch": 16, "episode_steps": 40,
          "eval_every": 1, "eval_episodes": 1}  # fmt: skip
