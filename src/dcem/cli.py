@@ -540,8 +540,11 @@ def _run_dmc(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if any(v is not None for v in sizes) and None in sizes:
             parser.error("arguments --plan-samples, --plan-elites, --plan-iter: give all three "
                          "or none")  # fmt: skip
+        import torch
+
         from dcem.experiments import ppo
 
+        torch.set_num_threads(1)  # one thread per worker, this process's included
         records: list[dict[str, Any]] = []
         for run in args.runs:
             if ppo.is_run(run):  # the PPO-tuned controller: figure 4's third row
