@@ -807,9 +807,9 @@ def plot_eval(records: Sequence[dict[str, Any]], path: Path) -> Path:
     """Box plot of evaluation returns per task and planner (the layout of the paper's fig. 4).
 
     One panel per task, one horizontal box per record (run and planner) from the top in the
-    order given, labelled with the planner, its imagined trajectories per decision and the
-    number of episodes; rewards on a shared 0-1000 axis. Drawn from the records of
-    :func:`evaluate` (and ``dcem.experiments.ppo.evaluate_run``) alone.
+    order given, labelled with the planner, the run folder's name, its imagined trajectories
+    per decision and the number of episodes; rewards on a shared 0-1000 axis. Drawn from the
+    records of :func:`evaluate` (and ``dcem.experiments.ppo.evaluate_run``) alone.
     """
     import matplotlib
 
@@ -818,7 +818,7 @@ def plot_eval(records: Sequence[dict[str, Any]], path: Path) -> Path:
 
     tasks = sorted({r["task"] for r in records})
     rows = max(sum(r["task"] == t for r in records) for t in tasks)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.0 * len(tasks), 0.9 + 0.75 * rows),
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 0.9 + 0.8 * rows),
                              squeeze=False)  # fmt: skip
     names = {"cem": "Full CEM", "latent": "Latent DCEM", "ppo": "Latent DCEM+PPO"}
     colors = {"cem": "#3a87c0", "latent": "#a5183c", "ppo": "#7a68a6"}
@@ -829,9 +829,9 @@ def plot_eval(records: Sequence[dict[str, Any]], path: Path) -> Path:
         for patch, r in zip(boxes["boxes"], group, strict=True):
             patch.set_facecolor(colors.get(r["planner"], "0.6"))
         ax.set_yticks(range(1, len(group) + 1))
-        ax.set_yticklabels([f"{names.get(r['planner'], r['planner'])}\n"
+        ax.set_yticklabels([f"{names.get(r['planner'], r['planner'])}\n{Path(r['run']).name}\n"
                             f"{r['trajectories_per_decision']:,} traj./decision, "
-                            f"{r['episodes']} ep." for r in group], fontsize=8)  # fmt: skip
+                            f"{r['episodes']} ep." for r in group], fontsize=7)  # fmt: skip
         ax.set_xlim(0, 1000)
         ax.set(title=task, xlabel="Eval Reward")
         ax.grid(alpha=0.4, axis="x", ls=":")
