@@ -36,6 +36,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         out[name] = root / name
         done = _dcem(*args, "--out", out[name])
         assert done.returncode == 0, done.stderr
+    out["phase2"] = root / "phase2"
+    done = _dcem("dmc", "train", "--quick", "--task", "cartpole-swingup", "--no-video",
+                 "--planner", "latent", "--init-from", out["dmc"], "--decoder-pretrain", "20",
+                 "--out", out["phase2"])  # fmt: skip
+    assert done.returncode == 0, done.stderr
     return out
 
 
@@ -62,6 +67,13 @@ def test_report_rebuilds_every_number_from_the_run_folders(runs: dict[str, Path]
     assert rows
     for r in rows:
         assert f"| {int(r['env_step']):,} | {float(r['return']):.1f} |" in text
+    # phase 2: its settings, and per episode the saturated share and imagined vs real returns
+    assert "decoder pre-trained for 20 autoencoder steps" in text
+    rows = [r for r in common.read_csv(runs["phase2"] / "metrics.csv") if r["phase"] == "train"]
+    assert rows
+    for r in rows:
+        share = format(float(r["saturated_fraction"]), ".3f")
+        assert f"| {r['episode']} | {float(r['return']):.1f} | {share} |" in text
     # the same command gives the same document
     again = _dcem("report", *runs.values(), "--out", tmp_path / "again.md")
     assert again.returncode == 0 and (tmp_path / "again.md").read_text() == text

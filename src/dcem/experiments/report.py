@@ -99,6 +99,8 @@ def _dmc(run: Path, config: dict[str, Any]) -> list[str]:
                   f"{mean['episode_seconds']:.0f} s = planning {mean['plan_seconds']:.0f} + "
                   f"model updates {mean['update_seconds']:.0f} + physics "
                   f"{mean['physics_seconds']:.1f} s."]  # fmt: skip
+    if cfg["planner"] == "latent":
+        lines += _phase2(cfg, train)
     lines += _eval_table(run)
     diagnoses = [_read_json(p) for p in sorted((run / "diagnose").glob("*.json"))]
     if diagnoses:
@@ -115,6 +117,23 @@ def _dmc(run: Path, config: dict[str, Any]) -> list[str]:
                          f"step {len(diagnoses[-1]['open_loop_reward_r2'])}", "Spearman",
                          "planner / best random true return"], table)  # fmt: skip
     return lines
+
+
+def _phase2(cfg: dict[str, Any], train: list[dict[str, str]]) -> list[str]:
+    """Phase 2's settings and, per training episode, what shows the latent planner
+    exploiting the model: saturated actions and imagined against real 12-step returns."""
+    start = cfg.get("init_from") or "a fresh model"
+    updates = int(train[-1]["updates"]) // cfg["decoder_every"] if train else 0
+    lines = ["", f"Phase 2 from `{Path(start).name}`: latent dimension {cfg['latent_dim']}, "
+             f"decoder pre-trained for {cfg.get('decoder_pretrain', 0)} autoencoder steps, "
+             f"{cfg.get('decoder_warmup', 0)} warm-up DCEM updates, then {updates} DCEM "
+             f"updates (one every {cfg['decoder_every']} model updates).", ""]  # fmt: skip
+    table = [[r["episode"], _num(r["return"], ".1f"), _num(r.get("saturated_fraction") or None,
+              ".3f"), _num(r.get("plan_imagined") or None, ".2f"),
+              _num(r.get("plan_real") or None, ".2f"), _num(r.get("decoder_cost") or None, ".2f")]
+             for r in train]  # fmt: skip
+    return lines + _table(["episode", "train return", "saturated share", "imagined (H steps)",
+                           "real (H steps)", "decoder cost"], table)  # fmt: skip
 
 
 def _eval_records(run: Path) -> list[dict[str, Any]]:
