@@ -125,3 +125,30 @@ def test_cartpole_grid_on_ray_equals_the_pool(tmp_path: Path) -> None:
     pool, ray = ([(r["tau"], r["seed"], r["best_val_reward"], r["test_reward"])
                   for r in s["runs"]] for s in summaries)  # fmt: skip
     assert pool == ray and [(t, s) for t, s, *_ in pool] == [(1.0, 0), (0.0, 0)]
+
+
+def test_ray_runs_at_most_workers_jobs_at_a_time_while_they_report_progress() -> None:
+    pytest.importorskip("ray", reason="ray is not installed")
+    from dcem.experiments import common
+
+    def timed_job(index: int, *, progress) -> dict:  # nested: Ray ships it by value
+        """A job that reports progress while it runs and returns when it ran."""
+        start = time.time()
+        for _ in range(15):
+            time.sleep(0.3)
+            progress(str(index), 1)
+        return {"index": index, "start": start, "end": time.time()}
+
+    reported: dict[str, int] = {}
+    results: list[dict] = []
+
+    def progress(key: str, units: int) -> None:
+        reported[key] = reported.get(key, 0) + units
+
+    common.run_jobs(timed_job, [(i,) for i in range(2)], 1, progress, results.append,
+                    address="local")  # fmt: skip
+    spans = sorted((r["start"], r["end"]) for r in results)
+    assert len(spans) == 2 and reported == {"0": 15, "1": 15}
+    # one CPU: each job starts after the one before it ended (a job blocked on reporting
+    # progress must not lend its CPU to another)
+    assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))

@@ -780,8 +780,12 @@ def ray_cluster(address: str, workers: int) -> Iterator[Any]:
 
 
 def _ray_task(job: Callable[..., dict[str, Any]], args: tuple[Any, ...], reports: Any) -> Any:
-    """One job in a Ray worker: progress goes to the driver through the ``reports`` queue."""
-    return job(*args, progress=lambda key, units: reports.put((key, units)))
+    """One job in a Ray worker: progress goes to the driver through the ``reports`` queue.
+
+    Sent without waiting for the queue's answer: a task that blocks on ``ray.get`` lends its
+    CPU back to the cluster, which then starts another task beside it (more than
+    ``workers`` at a time)."""
+    return job(*args, progress=lambda key, units: reports.actor.put_nowait.remote((key, units)))
 
 
 def _run_ray(
