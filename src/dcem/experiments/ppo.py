@@ -309,20 +309,17 @@ def ppo_step(run: Run) -> dict[str, Any]:
     stats: list[dict[str, float]] = []
     losses: list[tuple[float, float]] = []
     first_dev = None
-
-    def stop_early(taken: list[dict[str, float]]) -> bool:
-        return cfg.target_kl > 0 and bool(taken) and taken[-1]["approx_kl"] > cfg.target_kl
-
+    stopped = False  # by target_kl
     tick = time.perf_counter()
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
     cuda = run.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(run.device)
     for _ in range(cfg.passes):
+        if stopped:
+            break
         order = torch.randperm(n, generator=run.generator, device=run.device)
         for idx in order.split(cfg.minibatch):
-            if stop_early(stats):
-                break
             state = State(*(x[idx] for x in batch["belief"]))
             logp, value = run.policy.evaluate(state, batch["seed"][idx], batch["action"][idx])
             a = batch["adv"][idx]
@@ -337,6 +334,9 @@ def ppo_step(run: Run) -> dict[str, Any]:
             run.optimizer.step()
             stats.append(s)
             losses.append((float(policy_loss.detach()), float(value_loss.detach())))
+            stopped = cfg.target_kl > 0 and s["approx_kl"] > cfg.target_kl
+            if stopped:
+                break
     update = time.perf_counter() - tick
     peak = (torch.cuda.max_memory_allocated(run.device) / 2**20 if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
