@@ -387,6 +387,21 @@ def test_decoder_pretraining_fits_the_replay_action_windows(phase1, phase2, tmp_
     assert error(start(200)) < 0.7 * error(start(0))
 
 
+def test_decoder_pretraining_on_the_last_episodes_fits_their_windows_only(
+    phase1, phase2, tmp_path, monkeypatch
+) -> None:
+    fitted: list[torch.Tensor] = []
+    monkeypatch.setattr(dmc, "fit_decoder", lambda decoder, windows, **kw: fitted.append(windows)
+                        or [0.0])  # fmt: skip
+    cfg = dataclasses.replace(dmc.load_config(phase2), decoder_pretrain=5,
+                              decoder_pretrain_episodes=1)  # fmt: skip
+    agent = dmc.Agent(cfg, make_env(TASK, episode_steps=200))
+    dmc._resume(agent, tmp_path / "empty")
+    replay = agent.replay.action_windows(cfg.horizon, last=1)
+    assert 0 < len(replay) < len(agent.replay.action_windows(cfg.horizon))
+    assert len(fitted) == 1 and torch.equal(fitted[0], torch.as_tensor(replay))
+
+
 def test_phase_two_refuses_a_phase_one_run_of_another_task(phase1, tmp_path, capsys) -> None:
     err = _main_error(capsys, "train", "--quick", "--task", "reacher-easy", "--planner",
                       "latent", "--init-from", phase1, "--out", tmp_path / "p2")  # fmt: skip
@@ -447,6 +462,7 @@ def test_compare_plans_rates_both_planners_plans_under_the_model(phase1, phase2)
         (["--planner", "mppi"], "--planner"),
         (["--plan-elites", "400"], "plan_elites"),
         (["--decoder-pretrain", "10"], "decoder_pretrain"),
+        (["--decoder-pretrain-episodes", "3"], "decoder_pretrain"),
     ],
 )
 def test_bad_train_options_exit_2_with_one_line_and_write_nothing(

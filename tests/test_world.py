@@ -287,8 +287,13 @@ def test_action_windows_are_every_run_of_executed_actions_within_an_episode():
     assert windows.dtype == np.float32 and windows.shape == (25 + 0 + 40, 5, 2)
     assert np.array_equal(windows, np.asarray(expected, np.float32))
     assert buffer.action_windows(45).shape == (0, 45, 2)
+    # the last two episodes: the 4-row one (no window) and the 45-row one
+    assert np.array_equal(buffer.action_windows(5, last=2), np.asarray(expected[25:], np.float32))
+    assert np.array_equal(buffer.action_windows(5, last=3), windows)
     with pytest.raises(ValueError, match="length"):
         buffer.action_windows(0)
+    with pytest.raises(ValueError, match="last"):
+        buffer.action_windows(5, last=-1)
 
 
 def test_replay_state_dict_round_trips_exactly():

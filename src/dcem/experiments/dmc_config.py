@@ -95,6 +95,13 @@ class DMCConfig(AgentConfig):
             "the replay's executed action windows before phase 2 (0: none, as the paper)"
         ),
     )
+    decoder_pretrain_episodes: int = field(
+        default=0,
+        metadata=_doc(
+            "with decoder_pretrain: fit the windows of the replay's last N episodes only "
+            "(0: all of them)"
+        ),
+    )
     device: str = field(default="cpu", metadata=_doc("torch device of model and planner"))
     compile: bool = field(
         default=True,
@@ -112,7 +119,8 @@ class DMCConfig(AgentConfig):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("action_repeat", "seed_episodes", "seed", "decoder_warmup",
-                     "decoder_pretrain", "obs_stats_until"):  # fmt: skip
+                     "decoder_pretrain", "decoder_pretrain_episodes",
+                     "obs_stats_until"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.seq_len > self.agent_steps_per_episode + 1:
@@ -127,6 +135,8 @@ class DMCConfig(AgentConfig):
                 "decoder_pretrain needs planner latent, init_from and a kept "
                 "replay (the action windows it fits come from it)"
             )
+        if self.decoder_pretrain_episodes and not self.decoder_pretrain:
+            raise ValueError("decoder_pretrain_episodes needs decoder_pretrain > 0")
         if self.device != "cpu":  # "cpu" is always there (and needs no torch import)
             check_device(self.device)
 

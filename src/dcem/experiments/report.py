@@ -119,13 +119,21 @@ def _dmc(run: Path, config: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _pretrain_data(cfg: dict[str, Any]) -> str:
+    last = cfg.get("decoder_pretrain_episodes", 0)
+    if not (cfg.get("decoder_pretrain") and last):
+        return ""
+    return f" on the last {last} episodes' action windows"
+
+
 def _phase2(cfg: dict[str, Any], train: list[dict[str, str]]) -> list[str]:
     """Phase 2's settings and, per training episode, what shows the latent planner
     exploiting the model: saturated actions and imagined against real 12-step returns."""
     start = cfg.get("init_from") or "a fresh model"
     updates = int(train[-1]["updates"]) // cfg["decoder_every"] if train else 0
     lines = ["", f"Phase 2 from `{Path(start).name}`: latent dimension {cfg['latent_dim']}, "
-             f"decoder pre-trained for {cfg.get('decoder_pretrain', 0)} autoencoder steps, "
+             f"decoder pre-trained for {cfg.get('decoder_pretrain', 0)} autoencoder steps"
+             f"{_pretrain_data(cfg)}, "
              f"{cfg.get('decoder_warmup', 0)} warm-up DCEM updates, then {updates} DCEM "
              f"updates (one every {cfg['decoder_every']} model updates).", ""]  # fmt: skip
     table = [[r["episode"], _num(r["return"], ".1f"), _num(r.get("saturated_fraction") or None,

@@ -113,12 +113,16 @@ class ReplayBuffer:
         starts = np.asarray(self._starts, np.int64)
         return np.stack([starts, np.append(starts[1:], self._size)], axis=1)
 
-    def action_windows(self, length: int) -> np.ndarray:
+    def action_windows(self, length: int, last: int = 0) -> np.ndarray:
         """Every window of ``length`` consecutive executed actions of one episode,
-        ``(M, length, a)`` float32 (a copy; episodes shorter than ``length`` give none)."""
+        ``(M, length, a)`` float32 (a copy; episodes shorter than ``length`` give none);
+        ``last > 0``: of the ``last`` most recent episodes only."""
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
-        starts = [np.arange(s + 1, e - length + 1) for s, e in self.episode_bounds()]
+        if last < 0:
+            raise ValueError(f"last must be >= 0, got {last}")
+        bounds = self.episode_bounds()[-last:] if last else self.episode_bounds()
+        starts = [np.arange(s + 1, e - length + 1) for s, e in bounds]
         first = np.concatenate([np.zeros(0, np.int64), *starts])
         return self._data["action"][first[:, None] + np.arange(length)]
 
