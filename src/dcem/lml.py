@@ -84,25 +84,32 @@ def _newton(
     hi: Tensor,
     iters: int,
     mask: Tensor | None = None,
+    tol: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Safeguarded Newton on ``g(nu) = sum_i sigmoid(z_i + nu) - k`` inside ``[lo, hi]``.
 
     z: (r, n); k: (r,) or a number; nu, lo, hi: (r,); mask: (r, n) of 0/1 or None.
     ``iters`` evaluations of g and ``iters - 1`` updates of nu: a fixed count, masks
     instead of breaks, no host syncs (plain tensor code that ``torch.compile`` traces).
-    A Newton step that leaves the bracket is replaced by bisection.
+    With ``tol`` (eager code only: one host sync every 4 evaluations) it stops early, two
+    Newton steps after every row's ``|g| <= tol`` (quadratic convergence: those two steps
+    take it to rounding). A Newton step that leaves the bracket is replaced by bisection.
 
     Returns (y, g, nu): y = sigmoid(z + nu) at the last evaluation, g its residual.
     """
     tiny = torch.finfo(z.dtype).tiny
+    stop = iters - 1
     for i in range(iters):
         s = torch.sigmoid(z + nu.unsqueeze(-1))
         if mask is not None:
             s = s * mask
         total = s.sum(-1)
         g = total - k
-        if i == iters - 1:
+        if i >= stop:
             break
+        if tol is not None and stop == iters - 1 and i % 4 == 3:
+            if bool((g.abs() <= tol).all()):
+                stop = min(i + 2, stop)
         # sum_i s_i (1 - s_i), kept > 0 so that g = 0 stays put and g != 0 with a
         # flat g (all entries saturated) steps out of the bracket into bisection.
         slope = (total - torch.linalg.vecdot(s, s)).clamp_min(tiny)
@@ -217,7 +224,9 @@ def _shift(x: Tensor, k: Tensor, m: Tensor, tau: float) -> Tensor:
     return torch.where(narrow | (above >= k.unsqueeze(-1)), hi, lo)
 
 
-def _solve_shifted(x: Tensor, k: Tensor, m: Tensor, mask: Tensor | None, tau: float) -> Tensor:
+def _solve_shifted(
+    x: Tensor, k: Tensor, m: Tensor, mask: Tensor | None, tau: float, tol: float | None = None
+) -> Tensor:
     """Stage 2: safeguarded Newton in coordinates shifted near the threshold.
 
     x: (r, n) unscaled scores, -inf where ``mask`` (r, n) is 0; k: (r,) targets with
@@ -227,7 +236,8 @@ def _solve_shifted(x: Tensor, k: Tensor, m: Tensor, mask: Tensor | None, tau: fl
     weights near the threshold exact, however large ``|x|`` or ``|x / tau|`` is (even where
     ``x / tau`` or a row's sum overflows): the projection is invariant to a shift of a row.
     The bracket is recomputed in these coordinates and widened by a few ulps so that
-    rounding cannot exclude the root. Returns y: (r, n).
+    rounding cannot exclude the root. ``tol``: stop the Newton steps early once every row
+    is within it (see :func:`_newton`). Returns y: (r, n).
     """
     w = _offsets(x, _shift(x, k, m, tau), tau)
     w_max = w.amax(-1)
@@ -245,7 +255,7 @@ def _solve_shifted(x: Tensor, k: Tensor, m: Tensor, mask: Tensor | None, tau: fl
     pad = 4 * torch.finfo(x.dtype).eps * (lo.abs() + hi.abs() + 1.0)
     lo, hi = lo - pad, hi + pad
     delta = torch.minimum(torch.maximum(torch.zeros_like(lo), lo), hi)
-    y, _, _ = _newton(w, k, delta, lo, hi, _STAGE2_ITERS, mask)
+    y, _, _ = _newton(w, k, delta, lo, hi, _STAGE2_ITERS, mask, tol)
     return y
 
 
@@ -311,7 +321,7 @@ def _careful(x: Tensor, y: Tensor, g: Tensor, k: float, n: int, tol: float, tau:
     rows = (finite_rows & ~(g.abs() <= tol)).nonzero().squeeze(-1)
     if rows.numel():
         k_t = torch.full((rows.numel(),), float(k), dtype=x.dtype, device=x.device)
-        y_rows = _solve_shifted(x[rows], k_t, torch.full_like(k_t, n), None, tau)
+        y_rows = _solve_shifted(x[rows], k_t, torch.full_like(k_t, n), None, tau, tol)
         y = y.index_copy(0, rows, y_rows)
         err = float((y_rows.sum(-1) - k).abs().max())
         if err > tol:
