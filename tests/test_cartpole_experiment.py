@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -87,6 +88,46 @@ def test_one_training_step_updates_every_decoder_layer(tau: float) -> None:
     assert np.isfinite(cost) and job.iteration == 1
     for old, new in zip(before, job.decoder.parameters(), strict=True):
         assert not torch.equal(old, new)
+
+
+def test_compiled_training_steps_match_eager_ones_up_to_rounding(monkeypatch) -> None:
+    import dcem.optim
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(dcem.optim, "_COMPILED", {})
+    monkeypatch.setattr(dcem.optim, "_BACKEND", "aot_eager")  # tracing without inductor
+    cfg = CartpoleConfig(hidden=16, n_sample=20, n_elite=4, solver_iters=2, horizon=4)
+    for tau in (1.0, 0.0):  # DCEM and latent CEM
+        jobs = {mode: cartpole._new_job(cfg, 2, tau, seed=0) for mode in (False, True)}
+        for mode, job in jobs.items():
+            solver = dataclasses.replace(cartpole.train_solver(cfg, tau), compile=mode)
+            costs = [cartpole._train_step(job, solver, cfg) for _ in range(3)]
+            assert all(np.isfinite(costs))
+        for eager, compiled in zip(jobs[False].decoder.parameters(),
+                                   jobs[True].decoder.parameters(), strict=True):  # fmt: skip
+            torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert {"_dcem_step", "_cem_step"} <= {k for k, v in dcem.optim._COMPILED.items() if v}
+    torch._dynamo.reset()
+
+
+def test_compile_option_reaches_every_job_and_is_not_part_of_the_config(
+    tmp_path: Path, monkeypatch
+) -> None:
+    seen: list[bool] = []
+    real_train = cartpole._train
+
+    def train(job, cfg, out, progress, compile=False):  # noqa: A002  (the option's name)
+        seen.append(compile)
+        real_train(job, cfg, out, progress, compile=False)
+
+    monkeypatch.setattr(cartpole, "_train", train)
+    out = tmp_path / "run"
+    argv = ["cartpole", "--quick", "--updates", "2", "--seeds", "0", "--taus", "1",
+            "--out", str(out), "--workers", "1"]  # fmt: skip
+    assert cli.main([*argv, "--compile"]) == 0
+    assert seen == [True]
+    record = json.loads((out / "config.json").read_text())
+    assert "compile" not in json.dumps(record["config"])
 
 
 def test_cost_surface_is_the_rollout_cost_of_the_decoded_grid() -> None:

@@ -298,6 +298,11 @@ def _add_cartpole(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--horizon", type=_positive_int, help=f"planning horizon H ({default['horizon']})"
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="run the training and validation solves as "
+        "torch.compile graphs: a compile of a minute or two per job process, then faster "
+        "updates; not part of the config (a run resumes with or without it)"
+    )  # fmt: skip
     _add_run_options(parser, "run")
 
 
@@ -341,7 +346,7 @@ def _run_cartpole(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(f"invalid options: {err}")
     with _run_errors(parser):
         summary = cartpole.run(cfg, out, workers=args.workers, overwrite=args.overwrite,
-                               address=args.address)  # fmt: skip
+                               address=args.address, compile=args.compile)  # fmt: skip
     log.info("expert reward %.3f (mean over the validation set)", summary["expert_reward"])
     for group in summary["improvement_factor"]:
         log.info(

@@ -66,6 +66,9 @@ class SolverConfig:
     """Return the best sample instead of the last mean; ``"cem"`` only."""
     backward: Backward = "full"
     """Backward mode passed to ``dcem.dcem``; ``"dcem"`` only."""
+    compile: bool = False
+    """Run each optimizer iteration as a ``torch.compile`` graph (``compile`` of
+    ``dcem.dcem`` / ``dcem.cem``: the first solve compiles, for a minute or two on a CPU)."""
 
 
 LATENT_DCEM = SolverConfig()
@@ -155,6 +158,7 @@ def _optimize(
             normalize=solver.normalize,
             generator=generator,
             backward=solver.backward,
+            compile=solver.compile,
         )
     return cem(
         f,
@@ -168,6 +172,7 @@ def _optimize(
         normalize=solver.normalize,
         generator=generator,
         return_best=solver.return_best,
+        compile=solver.compile,
     )
 
 

@@ -384,8 +384,10 @@ def _resume_or_start(
     return job
 
 
-def _train(job: _Job, cfg: CartpoleConfig, out: Path, progress: Progress | None) -> None:
-    solver = train_solver(cfg, job.tau)
+def _train(
+    job: _Job, cfg: CartpoleConfig, out: Path, progress: Progress | None, compile: bool = False
+) -> None:
+    solver = dataclasses.replace(train_solver(cfg, job.tau), compile=compile)
     states = validation_states(n=cfg.n_validation)
     last_ckpt = job.iteration
     start = time.perf_counter()
@@ -515,12 +517,14 @@ def run_job(
     tau: float,
     seed: int,
     progress: Progress | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
-    """Train (or resume) one run to ``cfg.n_iter`` iterations and write its results."""
+    """Train (or resume) one run to ``cfg.n_iter`` iterations and write its results;
+    ``compile``: its training and validation solves run as ``torch.compile`` graphs."""
     key = run_key(latent_dim, tau, seed)
     with common.job_slot(out, key):
         job = _resume_or_start(cfg, out, latent_dim, tau, seed)
-        _train(job, cfg, out, progress)
+        _train(job, cfg, out, progress, compile)
         result = _final_outputs(job, cfg, out)
         common.atomic_write_json(out / "jobs" / f"{key}.json", result)
     return result
@@ -608,7 +612,7 @@ def _job_done(out: Path, key: str) -> bool:
 
 def run(
     cfg: CartpoleConfig, out: str | os.PathLike[str], workers: int = 2, progress: bool = True,
-    overwrite: bool = False, address: str | None = None,
+    overwrite: bool = False, address: str | None = None, compile: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Run (or resume) every (latent_dim, tau, seed) of ``cfg`` in ``out``, summarize, plot.
 
@@ -616,6 +620,9 @@ def run(
     bar on a terminal, else a log line a minute. ``overwrite``: delete the dcem run in ``out``
     first (see :func:`common.run_folder`, which also says which folders are refused).
     ``address``: run the jobs on a Ray cluster instead (see :func:`common.run_jobs`).
+    ``compile``: the training and validation solves of each job run as ``torch.compile``
+    graphs (each job process compiles them once; not part of the config: results equal the
+    eager ones up to rounding, and an interrupted run resumes with or without it).
     Returns the summary (also summary.json).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -639,7 +646,7 @@ def run(
         pending = [r for r in cfg.runs() if not _job_done(out, run_key(*r))]
         pending.sort(key=lambda r: (-r[0], -r[1]))  # larger, differentiable runs first
         if pending:
-            _run_pending(cfg, out, pending, workers, progress, address)
+            _run_pending(cfg, out, pending, workers, progress, address, compile)
         summary = summarize(out, run_wall_seconds=time.perf_counter() - start)
         plot(out)
     return summary
@@ -647,12 +654,12 @@ def run(
 
 def _run_pending(
     cfg: CartpoleConfig, out: Path, pending: list[tuple[int, float, int]], workers: int,
-    show: bool, address: str | None = None,
+    show: bool, address: str | None = None, compile: bool = False,
 ) -> None:  # fmt: skip
     done = {run_key(*r): common.checkpointed(out, run_key(*r), "iteration") for r in pending}
     with _Progress(done, cfg.n_iter * len(pending), show) as advance:
         common.run_jobs(
-            functools.partial(run_job, cfg, out.resolve()),
+            functools.partial(run_job, cfg, out.resolve(), compile=compile),
             pending,
             workers,
             advance,
