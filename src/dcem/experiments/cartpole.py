@@ -522,6 +522,8 @@ def run_job(
     """Train (or resume) one run to ``cfg.n_iter`` iterations and write its results;
     ``compile``: its training and validation solves run as ``torch.compile`` graphs."""
     key = run_key(latent_dim, tau, seed)
+    if compile:  # the graphs of earlier jobs in this worker must not count toward dynamo's
+        torch.compiler.reset()  # recompile limit (each (latent_dim, tau) compiles anew)
     with common.job_slot(out, key):
         job = _resume_or_start(cfg, out, latent_dim, tau, seed)
         _train(job, cfg, out, progress, compile)
