@@ -53,8 +53,8 @@ __all__ = ["lml", "LML", "topk_mask"]
 # Stage-1 Newton steps and the stopping tolerance (relative to max(1, k)) per dtype.
 _STAGE1_ITERS = {torch.float64: 5, torch.float32: 4}
 # ... and how many more below this tau: standardized scores divided by a small tau make a
-# steeper staircase of sigmoids (at tau 0.1 the cartpole embedding's DCEM needed stage 2 in
-# 63% of its calls with 4 steps, 1% with 8).
+# steeper staircase of sigmoids, which 4 steps often leave unconverged (stage 2 is slower,
+# and a compiled DCEM iteration that needs it runs again eagerly).
 _SMALL_TAU, _SMALL_TAU_EXTRA = 0.5, 4
 _RTOL = {torch.float64: 1e-11, torch.float32: 1e-5}
 _STAGE2_ITERS = 64
@@ -126,9 +126,9 @@ def _newton(
 
 
 def _normal_quantile(p: float) -> float:
-    """Phi^{-1}(p) for 0 < p < 1, remembered per ``p`` in eager code (the bisection takes
-    about 50 us, a tenth of a small DCEM iteration); under ``torch.compile`` it is computed,
-    and folded into a constant (dynamo warns about a cache wrapper it traces through)."""
+    """Phi^{-1}(p) for 0 < p < 1, remembered per ``p`` in eager code (the bisection is a
+    noticeable share of a small DCEM iteration); under ``torch.compile`` it is computed and
+    folded into a constant (dynamo warns about a cache wrapper it traces through)."""
     return _bisect_quantile(p) if torch.compiler.is_compiling() else _cached_quantile(p)
 
 
