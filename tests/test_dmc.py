@@ -402,6 +402,58 @@ def test_decoder_pretraining_on_the_last_episodes_fits_their_windows_only(
     assert len(fitted) == 1 and torch.equal(fitted[0], torch.as_tensor(replay))
 
 
+def test_decoder_pretraining_on_plans_fits_full_cem_plans_from_replay_states(
+    phase1, phase2, tmp_path, monkeypatch
+) -> None:
+    fitted: list[torch.Tensor] = []
+    monkeypatch.setattr(dmc, "fit_decoder", lambda decoder, seqs, **kw: fitted.append(seqs)
+                        or [0.0])  # fmt: skip
+    base = dmc.load_config(phase2)
+
+    def start(**kw) -> dmc.Agent:
+        agent = dmc.Agent(dataclasses.replace(base, **kw), make_env(TASK, episode_steps=200))
+        dmc._resume(agent, tmp_path / f"empty-{len(kw)}")
+        return agent
+
+    agent = start(decoder_pretrain=5, decoder_pretrain_data="plans", decoder_pretrain_states=7)
+    assert len(fitted) == 1 and fitted[0].shape == (7, base.horizon, agent.model.action_size)
+    assert bool((fitted[0] >= agent.low).all() and (fitted[0] <= agent.high).all())
+    # the same plans as the agent's cem_plans from the same replay and generator states
+    fresh = start()
+    assert torch.equal(fitted[0], fresh.cem_plans(7))
+    # from different states: the plans differ (states drawn over several replay batches)
+    plans = fresh.cem_plans(60)
+    assert plans.shape[0] == 60 and float(plans.std(0).mean()) > 0.01
+    with pytest.raises(ValueError, match="n_states"):
+        fresh.cem_plans(0)
+
+
+@pytest.mark.parametrize("n_iter", [3, 5])
+def test_the_dcem_iterations_ablation_sets_the_iterations_of_acting_and_decoder_updates(
+    phase1, phase2, tmp_path, monkeypatch, n_iter: int
+) -> None:
+    import dcem.world.latent as latent
+
+    used: list[int] = []
+    real = latent.dcem
+
+    def recording(*args, **kw):
+        used.append(kw["n_iter"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(latent, "dcem", recording)
+    cfg = dataclasses.replace(dmc.load_config(phase2), latent_iter=n_iter)
+    env = make_env(TASK, episode_steps=200)
+    agent = dmc.Agent(cfg, env)
+    dmc._resume(agent, tmp_path / "empty")
+    belief = agent.model.initial_state((1,))
+    obs = env.reset(seed=0)
+    agent.act(belief, torch.zeros(agent.model.action_size), obs, explore=False,
+              generator=torch.Generator().manual_seed(0))  # fmt: skip
+    agent.update_decoder(*agent.sample_batch()[:2])
+    assert used == [n_iter, n_iter]
+
+
 def test_phase_two_refuses_a_phase_one_run_of_another_task(phase1, tmp_path, capsys) -> None:
     err = _main_error(capsys, "train", "--quick", "--task", "reacher-easy", "--planner",
                       "latent", "--init-from", phase1, "--out", tmp_path / "p2")  # fmt: skip
@@ -463,6 +515,8 @@ def test_compare_plans_rates_both_planners_plans_under_the_model(phase1, phase2)
         (["--plan-elites", "400"], "plan_elites"),
         (["--decoder-pretrain", "10"], "decoder_pretrain"),
         (["--decoder-pretrain-episodes", "3"], "decoder_pretrain"),
+        (["--decoder-pretrain-data", "frames"], "--decoder-pretrain-data"),
+        (["--decoder-pretrain-states", "0"], "decoder_pretrain_states"),
     ],
 )
 def test_bad_train_options_exit_2_with_one_line_and_write_nothing(

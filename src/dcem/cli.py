@@ -398,7 +398,8 @@ def _add_dmc(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--verbose", action="store_true", help="show dm_control's and "
                        "MuJoCo's own log lines")  # fmt: skip
     choices = {"task": sorted(dmc.TASKS), "planner": dmc.PLANNERS,
-               "dcem_backward": dmc.BACKWARDS}  # fmt: skip
+               "dcem_backward": dmc.BACKWARDS,
+               "decoder_pretrain_data": dmc.PRETRAIN_DATA}  # fmt: skip
     _add_config_options(train, dmc.DMCConfig, choices)
     from dcem.experiments import ppo_config
 

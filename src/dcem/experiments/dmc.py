@@ -358,16 +358,21 @@ def _init_from(agent: Agent, run: Path) -> None:
              "loaded", f"{agent.replay.num_episodes} episodes" if cfg.keep_replay else
              "deleted")  # fmt: skip
     if cfg.decoder_pretrain and agent.decoder is not None:
-        windows = torch.as_tensor(
-            agent.replay.action_windows(cfg.horizon, last=cfg.decoder_pretrain_episodes)
-        )
-        losses = fit_decoder(agent.decoder, windows, steps=cfg.decoder_pretrain,
+        if cfg.decoder_pretrain_data == "plans":
+            sequences = agent.cem_plans(cfg.decoder_pretrain_states)
+            what = f"full-CEM plans from {len(sequences)} replay belief states"
+        else:
+            sequences = torch.as_tensor(
+                agent.replay.action_windows(cfg.horizon, last=cfg.decoder_pretrain_episodes)
+            )
+            what = f"{len(sequences)} action windows of the replay (" + (
+                f"last {cfg.decoder_pretrain_episodes} episodes)"
+                if cfg.decoder_pretrain_episodes else "all episodes)")  # fmt: skip
+        losses = fit_decoder(agent.decoder, sequences, steps=cfg.decoder_pretrain,
                              generator=agent.generator)  # fmt: skip
-        log.info("decoder pre-trained on %d action windows of the replay (%s): reconstruction "
-                 "error %.4f -> %.4f (their variance %.4f)", len(windows),
-                 f"last {cfg.decoder_pretrain_episodes} episodes" if cfg.decoder_pretrain_episodes
-                 else "all episodes", losses[0], losses[-1],
-                 float(windows.var(0).mean()))  # fmt: skip
+        log.info("decoder pre-trained on %s: reconstruction error %.4f -> %.4f (their "
+                 "variance %.4f)", what, losses[0], losses[-1],
+                 float(sequences.var(0).mean()))  # fmt: skip
 
 
 def _resume(agent: Agent, out: Path) -> None:

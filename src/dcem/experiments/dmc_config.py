@@ -18,7 +18,13 @@ from dcem.world.envs import TASKS, task_spec
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BACKWARDS", "DEFAULTS", "PLANNERS", "QUICK", "TASKS", "DMCConfig", "check_device"]
+__all__ = [
+    "BACKWARDS", "DEFAULTS", "PLANNERS", "PRETRAIN_DATA", "QUICK", "TASKS", "DMCConfig",
+    "check_device",
+]  # fmt: skip
+
+PRETRAIN_DATA = ("windows", "plans")
+"""What ``decoder_pretrain`` fits: the replay's action windows or full-CEM plans."""
 
 
 # --------------------------------------------------------------------------- config
@@ -92,8 +98,20 @@ class DMCConfig(AgentConfig):
         default=0,
         metadata=_doc(
             "with init_from and the latent planner: autoencoder steps fitting the decoder to "
-            "the replay's executed action windows before phase 2 (0: none, as the paper)"
+            "action sequences (decoder_pretrain_data) before phase 2 (0: none, as the paper)"
         ),
+    )
+    decoder_pretrain_data: str = field(
+        default="windows",
+        metadata=_doc(
+            "with decoder_pretrain, the sequences fitted: 'windows', the replay's executed "
+            "action windows; 'plans', full-CEM plans (the run's plan_* sizes) from belief "
+            "states of replay sequences"
+        ),
+    )
+    decoder_pretrain_states: int = field(
+        default=1500,
+        metadata=_doc("with decoder_pretrain_data plans: belief states planned from"),
     )
     decoder_pretrain_episodes: int = field(
         default=0,
@@ -137,6 +155,15 @@ class DMCConfig(AgentConfig):
             )
         if self.decoder_pretrain_episodes and not self.decoder_pretrain:
             raise ValueError("decoder_pretrain_episodes needs decoder_pretrain > 0")
+        if self.decoder_pretrain_data not in PRETRAIN_DATA:
+            raise ValueError(f"decoder_pretrain_data must be one of {PRETRAIN_DATA}, got "
+                             f"{self.decoder_pretrain_data!r}")  # fmt: skip
+        if self.decoder_pretrain_data == "plans" and self.decoder_pretrain_episodes:
+            raise ValueError("decoder_pretrain_episodes selects action windows; it does not "
+                             "apply to decoder_pretrain_data plans")  # fmt: skip
+        if self.decoder_pretrain_states < 1:
+            raise ValueError(f"decoder_pretrain_states must be >= 1, got "
+                             f"{self.decoder_pretrain_states}")  # fmt: skip
         if self.device != "cpu":  # "cpu" is always there (and needs no torch import)
             check_device(self.device)
 

@@ -120,10 +120,15 @@ def _dmc(run: Path, config: dict[str, Any]) -> list[str]:
 
 
 def _pretrain_data(cfg: dict[str, Any]) -> str:
-    last = cfg.get("decoder_pretrain_episodes", 0)
-    if not (cfg.get("decoder_pretrain") and last):
+    if not cfg.get("decoder_pretrain"):
         return ""
-    return f" on the last {last} episodes' action windows"
+    if cfg.get("decoder_pretrain_data") == "plans":
+        return (
+            f" on full-CEM plans ({cfg['plan_samples']}/{cfg['plan_elites']}/"
+            f"{cfg['plan_iter']}) from {cfg['decoder_pretrain_states']} replay belief states"
+        )
+    last = cfg.get("decoder_pretrain_episodes", 0)
+    return f" on the last {last} episodes' action windows" if last else " on the action windows"
 
 
 def _phase2(cfg: dict[str, Any], train: list[dict[str, str]]) -> list[str]:

@@ -209,6 +209,44 @@ class Agent:
         self.decoder_opt.step()
         return cost.detach()
 
+    @torch.no_grad()
+    def cem_plans(self, n_states: int) -> Tensor:
+        """Full-CEM plans ``(n_states, H, a)`` from belief states of replay sequences.
+
+        The posteriors of replay batches (their first step, which has seen one observation
+        only, left out) are drawn without replacement, a tenth of each batch's at most so that
+        they spread over several batches, until there are ``n_states``; from each, CEM with
+        the agent's sizes (``cem_sizes``), horizon and imagination (``plan_sample``) plans,
+        50 states at a time. What ``dcem dmc train --decoder-pretrain-data plans`` fits the
+        latent planner's decoder to.
+        """
+        if isinstance(n_states, bool) or not isinstance(n_states, int) or n_states < 1:
+            raise ValueError(f"n_states must be an integer >= 1, got {n_states!r}")
+        if not self.can_update():
+            raise ValueError(f"the replay holds no sequence of seq_len = {self.cfg.seq_len} rows")
+        cfg, parts, count = self.cfg, [], 0
+        while count < n_states:
+            obs, actions, _ = self.sample_batch()
+            post, _ = self.model.observe(obs, actions, generator=self.generator)
+            flat = State(*(x[1:].reshape(-1, x.shape[-1]) for x in post))
+            take = min(n_states - count, max(1, flat.deter.shape[0] // 10))
+            pick = torch.randperm(flat.deter.shape[0], generator=self.generator,
+                                  device=self.device)[:take]  # fmt: skip
+            parts.append(State(*(x[pick] for x in flat)))
+            count += take
+        states = State(*(torch.cat(xs) for xs in zip(*parts, strict=True)))
+        n_sample, n_elite, n_iter = self.cem_sizes
+        plans = []
+        for i in range(0, n_states, 50):
+            _, chunk = plan(
+                self.model, State(*(x[i : i + 50] for x in states)), action_low=self.low,
+                action_high=self.high, horizon=cfg.horizon, n_iter=n_iter, n_sample=n_sample,
+                n_elite=n_elite, sample=cfg.plan_sample, generator=self.generator,
+                return_plan=True,
+            )  # fmt: skip
+            plans.append(chunk)
+        return torch.cat(plans)
+
     # ------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only: model, optimizer, replay arrays, generator state,
